@@ -1,0 +1,47 @@
+"""Shared fixtures: the real local servers, started once per test session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from worker.devstack.ably import LocalAbly
+from worker.transport.client import quiet_sdk_logs, realtime_client, rest_client
+
+quiet_sdk_logs()
+
+
+@pytest.fixture(scope="session")
+async def local_ably() -> AsyncIterator[LocalAbly]:
+    """Sockudo with Ably compatibility, on a free port, for the whole session."""
+    async with LocalAbly() as server:
+        yield server
+
+
+@pytest.fixture
+def channel_name() -> str:
+    """A fresh channel per test, so tests never see each other's history."""
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def ably_clients(local_ably: LocalAbly) -> AsyncIterator[Callable[..., Any]]:
+    """A factory of realtime clients against the local Ably, all closed after the test."""
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        client = realtime_client(local_ably.key, local_ably.endpoint, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+def ably_rest(local_ably: LocalAbly) -> Iterator[Any]:
+    yield rest_client(local_ably.key, local_ably.endpoint)

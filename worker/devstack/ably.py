@@ -1,0 +1,272 @@
+"""The local Ably: Sockudo built with `ably-compat`, configured for one key and started here.
+
+    python -m worker.devstack.ably --port 8080 [--key APP.KEY:SECRET]
+
+prints the endpoint and key once `GET /time` answers, and stops Sockudo on SIGTERM or
+SIGINT. Tests use `LocalAbly` as an async context manager on a free port. The worker
+reaches it with `ABLY_ENDPOINT=http://127.0.0.1:PORT` and `ABLY_API_KEY=<key>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+
+from worker.devstack.sockudo_install import ensure_installed
+
+DEFAULT_KEY = "dev.local:devsecret"
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class AblyKey:
+    """An Ably API key `APP.KEYID:SECRET`, split as Sockudo's app config wants it."""
+
+    app_id: str
+    key_name: str  # "APP.KEYID": what Ably calls the key name
+    secret: str
+
+    @classmethod
+    def parse(cls, key: str) -> AblyKey:
+        name, sep, secret = key.partition(":")
+        app_id, dot, key_id = name.partition(".")
+        if not (sep and dot and app_id and key_id and secret):
+            raise ValueError("an Ably key looks like APP.KEYID:SECRET")
+        return cls(app_id=app_id, key_name=name, secret=secret)
+
+    def __str__(self) -> str:
+        return f"{self.key_name}:{self.secret}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def render_config(key: AblyKey, host: str, port: int) -> str:
+    """A Sockudo configuration for local development: one app, everything in memory.
+
+    Ably compatibility on; every channel takes updates and appends (versioned messages)
+    and keeps history (memory backend: Sockudo's default is Postgres); metrics off so
+    several servers can run side by side.
+    """
+    return f"""\
+debug = false
+host = "{host}"
+port = {port}
+mode = "development"
+shutdown_grace_period = 1
+websocket_max_payload_kb = 64
+activity_timeout = 120
+
+[adapter]
+driver = "local"
+
+[cache]
+driver = "memory"
+
+[queue]
+driver = "memory"
+
+[rate_limiter]
+enabled = false
+
+[metrics]
+enabled = false
+
+[app_manager]
+driver = "memory"
+
+[[app_manager.array.apps]]
+id = "{key.app_id}"
+key = "{key.key_name}"
+secret = "{key.secret}"
+enabled = true
+
+[app_manager.array.apps.policy.limits]
+max_connections = 100000
+max_client_events_per_second = 100000
+
+[app_manager.array.apps.policy.features]
+enable_client_messages = true
+
+[app_manager.array.apps.policy.channels]
+allowed_origins = ["*"]
+
+[app_manager.array.apps.policy.idempotency]
+enabled = true
+ttl_seconds = 300
+
+[app_manager.array.apps.policy.connection_recovery]
+enabled = true
+
+[ably_compat]
+enabled = true
+
+[push]
+storage_driver = "memory"
+queue_driver = "memory"
+allow_memory_drivers = true
+fcm_enabled = false
+apns_enabled = false
+webpush_enabled = false
+hms_enabled = false
+wns_enabled = false
+
+[versioned_messages]
+enabled = true
+driver = "memory"
+retention_window_seconds = 86400
+
+[history]
+enabled = true
+rewind_enabled = true
+backend = "memory"
+retention_window_seconds = 86400
+max_messages_per_channel = 10000
+
+[presence_history]
+enabled = true
+
+[connection_recovery]
+enabled = true
+buffer_ttl_seconds = 120
+max_buffer_size = 1000
+
+[idempotency]
+enabled = true
+ttl_seconds = 300
+
+[ai_transport]
+enabled = true
+
+[[ai_transport.channels]]
+prefix = "ai:"
+
+[ai_transport.rollup]
+enabled = true
+default_window_ms = 40
+"""
+
+
+@dataclass
+class LocalAbly:
+    """Sockudo as a child process, serving Ably's REST and realtime protocol on one port."""
+
+    port: int = 0
+    key: str = DEFAULT_KEY
+    host: str = "127.0.0.1"
+    log_level: str = "warn"
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _workdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        """Write the configuration and start Sockudo (returns before it is ready)."""
+        binary = ensure_installed()
+        if not self.port:
+            self.port = free_port()
+        self._workdir = tempfile.TemporaryDirectory(prefix="local-ably-")
+        config = Path(self._workdir.name) / "sockudo.toml"
+        config.write_text(render_config(AblyKey.parse(self.key), self.host, self.port))
+        # A clean environment: Sockudo reads PORT, REDIS_URL and many more from it.
+        env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": self.log_level}
+        self._proc = subprocess.Popen(
+            [str(binary), "--config", str(config)], cwd=self._workdir.name, env=env
+        )
+
+    async def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Poll `GET /time` until it answers; fail if Sockudo exits or never answers."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"sockudo exited with code {self._proc.returncode}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(f"{self.endpoint}/time") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"sockudo did not answer GET {self.endpoint}/time in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    async def __aenter__(self) -> LocalAbly:
+        self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def _serve(server: LocalAbly) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(f"local Ably ready: ABLY_ENDPOINT={server.endpoint} ABLY_API_KEY={server.key}",
+              flush=True)  # fmt: skip
+        stop_task = asyncio.create_task(stop.wait())
+        while not stop_task.done():
+            await asyncio.wait({stop_task}, timeout=0.5)
+            if server._proc is not None and server._proc.poll() is not None:
+                raise SystemExit(f"sockudo exited with code {server._proc.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--key", default=DEFAULT_KEY, help="APP.KEYID:SECRET")
+    parser.add_argument("--log-level", default="warn", help="Sockudo's RUST_LOG filter")
+    args = parser.parse_args(argv)
+    try:
+        AblyKey.parse(args.key)
+    except ValueError as exc:
+        parser.error(f"--key: {exc}")
+    server = LocalAbly(port=args.port, key=args.key, host=args.host, log_level=args.log_level)
+    asyncio.run(_serve(server))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

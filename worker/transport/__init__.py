@@ -1,0 +1,1 @@
+"""The Ably side: the SDK connection(s), publishers, presence and history reads."""

@@ -1,0 +1,77 @@
+"""Making ably-python clients for an endpoint: Ably itself, or the local Sockudo.
+
+Every Ably client in the project is made here, so the SDK corrections (`sdk_quirks`) and
+the client options that the local server needs are applied in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ably import AblyRealtime, AblyRest
+
+from worker.transport import sdk_quirks
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the Ably API is: `""` for Ably itself, or `http(s)://HOST[:PORT]`."""
+
+    host: str | None = None
+    port: int | None = None
+    tls: bool = True
+
+    @classmethod
+    def parse(cls, endpoint: str) -> Endpoint:
+        if not endpoint:
+            return cls()
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected http(s)://HOST[:PORT], got {endpoint!r}")
+        return cls(host=parts.hostname, port=parts.port, tls=parts.scheme == "https")
+
+    def client_options(self) -> dict[str, Any]:
+        if self.host is None:
+            return {}
+        options: dict[str, Any] = {"endpoint": self.host, "tls": self.tls}
+        if self.port:
+            options["tls_port" if self.tls else "port"] = self.port
+        return options
+
+
+def quiet_sdk_logs(level: int = logging.WARNING) -> None:
+    """ably-python logs every append at INFO: keep that off the hot path."""
+    logging.getLogger("ably").setLevel(level)
+
+
+def _transport_params(params: dict[str, Any] | None) -> dict[str, str]:
+    # Sockudo's query parser rejects Python's `True`/`False`: send Ably's `true`/`false`.
+    def text(value: Any) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return {name: text(value) for name, value in (params or {}).items()}
+
+
+def client_options(
+    key: str, endpoint: str = "", transport_params: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Options for either client. Token auth always: the SDK refuses Basic auth over
+    plain HTTP (40103), and a token the SDK renews is what production should use."""
+    sdk_quirks.apply()
+    options: dict[str, Any] = {"key": key, "use_token_auth": True}
+    options.update(Endpoint.parse(endpoint).client_options())
+    if transport_params:
+        options["transport_params"] = _transport_params(transport_params)
+    options.update(extra)
+    return options
+
+
+def realtime_client(key: str, endpoint: str = "", **extra: Any) -> AblyRealtime:
+    return AblyRealtime(**client_options(key, endpoint, **extra))
+
+
+def rest_client(key: str, endpoint: str = "", **extra: Any) -> AblyRest:
+    return AblyRest(**client_options(key, endpoint, **extra))

@@ -1,0 +1,63 @@
+"""Corrections to ably-python 3.1.4, each named, each in this one place.
+
+`apply()` is idempotent and is called by `worker.transport.client` before any client is
+made. Each correction has a test in `tests/test_ably_sdk_quirks.py` that fails once the SDK
+no longer needs it, so it can be deleted then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ably.transport.websockettransport import WebSocketTransport
+from ably.types.mixins import EncodeDataMixin
+
+_applied = False
+
+
+def realtime_url_with_port(ws_url: str, options: Any) -> str:
+    """Put the configured port back into the realtime URL.
+
+    ably-python dials `ws://HOST?...` and drops the port (`WebSocketTransport.connect`),
+    while its REST calls keep it. Only an explicit, non-default port is added.
+    """
+    parts = urlsplit(ws_url)
+    port = options.tls_port if options.tls else options.port
+    default = 443 if options.tls else 80
+    if parts.port is not None or not port or port == default or parts.hostname is None:
+        return ws_url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+
+
+def _fix_realtime_port() -> None:
+    original = WebSocketTransport.ws_connect
+
+    async def ws_connect(self: WebSocketTransport, ws_url: str, headers: Any) -> Any:
+        return await original(self, realtime_url_with_port(ws_url, self.options), headers)
+
+    WebSocketTransport.ws_connect = ws_connect  # type: ignore[method-assign]
+
+
+def _fix_null_encoding() -> None:
+    """Read `"encoding": null` as no encoding.
+
+    Sockudo writes an explicit null; the SDK's decoder calls `.strip()` on it and raises,
+    which drops live messages silently and makes history and `get_message` fail.
+    """
+    original = EncodeDataMixin.decode
+
+    def decode(data: Any, encoding: str | None = "", cipher: Any = None, context: Any = None) -> Any:
+        return original(data, encoding or "", cipher, context)
+
+    EncodeDataMixin.decode = staticmethod(decode)  # type: ignore[method-assign,assignment]
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    _fix_realtime_port()
+    _fix_null_encoding()
+    _applied = True
