@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from worker.devstack.ably import LocalAbly
+from worker.devstack.redis_server import LocalRedis
 from worker.transport.client import quiet_sdk_logs, realtime_client, rest_client
 
 quiet_sdk_logs()
@@ -45,3 +46,17 @@ async def ably_clients(local_ably: LocalAbly) -> AsyncIterator[Callable[..., Any
 @pytest.fixture
 def ably_rest(local_ably: LocalAbly) -> Iterator[Any]:
     yield rest_client(local_ably.key, local_ably.endpoint)
+
+
+@pytest.fixture(scope="session")
+async def local_redis() -> AsyncIterator[LocalRedis]:
+    """A real redis-server on a free port for the whole session (append-only, so a test
+    that restarts it finds its data again)."""
+    async with LocalRedis(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture
+def queue_prefix() -> str:
+    """A key prefix per test: tests share one Redis but never each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"

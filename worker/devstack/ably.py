@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from types import TracebackType
 
 import aiohttp
 
+from worker.devstack.ports import free_port
 from worker.devstack.sockudo_install import ensure_installed
 
 DEFAULT_KEY = "dev.local:devsecret"
@@ -49,12 +49,6 @@ class AblyKey:
 
     def __str__(self) -> str:
         return f"{self.key_name}:{self.secret}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_config(key: AblyKey, host: str, port: int) -> str:

@@ -18,8 +18,14 @@ from pathlib import Path
 
 SOCKUDO_VERSION = "5.2.0"
 SOCKUDO_FEATURES = "ably-compat"
-# Debian packages the crate's build needs beyond the Rust toolchain (C compiler, linker).
-BUILD_PACKAGES = ("gcc", "make", "pkg-config")
+# What the crate's build runs beyond the Rust toolchain, and the Debian package with it:
+# a C compiler and linker, and protoc for a metrics exporter's protobuf build script.
+BUILD_TOOLS = {
+    "cc": "gcc",
+    "make": "make",
+    "pkg-config": "pkg-config",
+    "protoc": "protobuf-compiler",
+}
 
 
 class SockudoInstallError(RuntimeError):
@@ -52,9 +58,11 @@ def _cargo() -> str:
 
 def _install_build_packages() -> None:
     """Install missing Debian build packages when we are root on a Debian-like system."""
-    missing = [p for p in BUILD_PACKAGES if shutil.which(p) is None]
-    if not missing or shutil.which("apt-get") is None or os.geteuid() != 0:
+    missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
         return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise SockudoInstallError(f"the Sockudo build needs these packages: {' '.join(missing)}")
     print(f"sockudo: installing build packages {missing}", file=sys.stderr, flush=True)
     subprocess.run(["apt-get", "update", "-q"], check=True)
     subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True)

@@ -56,12 +56,16 @@ def _transport_params(params: dict[str, Any] | None) -> dict[str, str]:
 
 
 def client_options(
-    key: str, endpoint: str = "", transport_params: dict[str, Any] | None = None, **extra: Any
+    key: str | None,
+    endpoint: str = "",
+    transport_params: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Options for either client. Token auth always: the SDK refuses Basic auth over
-    plain HTTP (40103), and a token the SDK renews is what production should use."""
+    """Options for either client. With a key, token auth: the SDK refuses Basic auth over
+    plain HTTP (40103), and a token the SDK renews is what production should use. Without
+    one, pass `token=`, `auth_callback=` or the like in `extra`."""
     sdk_quirks.apply()
-    options: dict[str, Any] = {"key": key, "use_token_auth": True}
+    options: dict[str, Any] = {"key": key, "use_token_auth": True} if key else {}
     options.update(Endpoint.parse(endpoint).client_options())
     if transport_params:
         options["transport_params"] = _transport_params(transport_params)
@@ -69,9 +73,9 @@ def client_options(
     return options
 
 
-def realtime_client(key: str, endpoint: str = "", **extra: Any) -> AblyRealtime:
+def realtime_client(key: str | None, endpoint: str = "", **extra: Any) -> AblyRealtime:
     return AblyRealtime(**client_options(key, endpoint, **extra))
 
 
-def rest_client(key: str, endpoint: str = "", **extra: Any) -> AblyRest:
+def rest_client(key: str | None, endpoint: str = "", **extra: Any) -> AblyRest:
     return AblyRest(**client_options(key, endpoint, **extra))

@@ -14,6 +14,9 @@ from ably.transport.websockettransport import WebSocketTransport
 from ably.types.mixins import EncodeDataMixin
 
 _applied = False
+# The SDK's own functions, kept so tests can show each quirk is still there.
+ORIGINAL_WS_CONNECT = WebSocketTransport.ws_connect
+ORIGINAL_DECODE = EncodeDataMixin.decode
 
 
 def realtime_url_with_port(ws_url: str, options: Any) -> str:
@@ -32,10 +35,10 @@ def realtime_url_with_port(ws_url: str, options: Any) -> str:
 
 
 def _fix_realtime_port() -> None:
-    original = WebSocketTransport.ws_connect
-
     async def ws_connect(self: WebSocketTransport, ws_url: str, headers: Any) -> Any:
-        return await original(self, realtime_url_with_port(ws_url, self.options), headers)
+        return await ORIGINAL_WS_CONNECT(
+            self, realtime_url_with_port(ws_url, self.options), headers
+        )
 
     WebSocketTransport.ws_connect = ws_connect  # type: ignore[method-assign]
 
@@ -46,10 +49,11 @@ def _fix_null_encoding() -> None:
     Sockudo writes an explicit null; the SDK's decoder calls `.strip()` on it and raises,
     which drops live messages silently and makes history and `get_message` fail.
     """
-    original = EncodeDataMixin.decode
 
-    def decode(data: Any, encoding: str | None = "", cipher: Any = None, context: Any = None) -> Any:
-        return original(data, encoding or "", cipher, context)
+    def decode(
+        data: Any, encoding: str | None = "", cipher: Any = None, context: Any = None
+    ) -> Any:
+        return ORIGINAL_DECODE(data, encoding or "", cipher, context)
 
     EncodeDataMixin.decode = staticmethod(decode)  # type: ignore[method-assign,assignment]
 

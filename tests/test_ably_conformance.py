@@ -1,0 +1,288 @@
+"""What the worker relies on from Ably, checked with the real ably-python against Sockudo.
+
+Each test is one behaviour the worker or its subscribers depend on. Where Sockudo differs
+from Ably's documentation, the test says so in a comment (docs' words, then Sockudo's),
+and the worker does not depend on the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jwt
+import pytest
+from ably import AblyException
+from ably.types.channeloptions import ChannelOptions
+from ably.types.message import Message, MessageAction
+
+from tests.ably_helpers import TextView, wait_for
+from worker.devstack.ably import AblyKey, LocalAbly
+from worker.transport.client import realtime_client, rest_client
+
+FRAGMENTS = ["Hé", "llo, ", "wörld", " — ", "世界", "你好", " 🚀", "👩‍💻", " naïve café", " …done."]
+
+
+async def connected(client: Any) -> Any:
+    await client.connection.once_async("connected")
+    return client
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+async def test_connects_with_msgpack_and_json(ably_clients: Any, binary: bool) -> None:
+    client = await connected(ably_clients(use_binary_protocol=binary))
+    assert client.connection.state == "connected"
+    assert client.connection.id
+
+
+async def _stream(channel: Any, fragments: list[str]) -> str:
+    """Publish an empty message.create, then one un-awaited append task per fragment."""
+    result = await channel.publish(Message(name="response", data=""))
+    serial = result.serials[0]
+    tasks = [
+        asyncio.create_task(channel.append_message(Message(serial=serial, data=fragment)))
+        for fragment in fragments
+    ]
+    await asyncio.gather(*tasks)
+    return str(serial)
+
+
+async def test_publish_returns_serial_and_unawaited_appends_are_all_acked(
+    ably_clients: Any, channel_name: str
+) -> None:
+    channel = (await connected(ably_clients())).channels.get(channel_name)
+    await channel.attach()
+    first = await channel.publish(Message(name="response", data=""))
+    second = await channel.publish(Message(name="response", data=""))
+    assert first.serials[0] and second.serials[0]
+    assert first.serials[0] < second.serials[0]  # serials order messages lexicographically
+
+    fragments = [f"<{i}>" for i in range(60)]
+    serial = first.serials[0]
+    tasks = [
+        asyncio.create_task(channel.append_message(Message(serial=serial, data=fragment)))
+        for fragment in fragments
+    ]
+    results = await asyncio.gather(*tasks)
+    assert len(results) == 60  # every append acknowledged, none raised
+    # In order: the stored text is the fragments in the order the tasks were created.
+    stored = await channel.get_message(serial)
+    assert stored.data == "".join(fragments)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+async def test_live_subscriber_rewind_and_history_see_the_whole_text(
+    ably_clients: Any, ably_rest: Any, channel_name: str, binary: bool
+) -> None:
+    live = TextView()
+    subscriber = (await connected(ably_clients(use_binary_protocol=binary))).channels.get(
+        channel_name
+    )
+    await subscriber.subscribe(live.on_message)
+    publisher = (await connected(ably_clients(use_binary_protocol=binary))).channels.get(
+        channel_name
+    )
+    await publisher.attach()
+    expected = "".join(FRAGMENTS)
+
+    serial = await _stream(publisher, FRAGMENTS)
+
+    await wait_for(lambda: live.texts.get(serial) == expected, what="live text to complete")
+    kinds = {action for _, action in live.actions}
+    assert MessageAction.MESSAGE_CREATE in kinds and MessageAction.MESSAGE_APPEND in kinds
+    appended = [m.data for m in live.messages if m.action == MessageAction.MESSAGE_APPEND]
+    assert "".join(appended) == expected  # the fragments alone rebuild it too
+    assert all(m.name == "response" for m in live.messages)
+
+    # A late joiner with rewind=1 gets the whole message at once.
+    rewound = TextView()
+    late = (await connected(ably_clients(use_binary_protocol=binary))).channels.get(
+        channel_name, ChannelOptions(params={"rewind": "1"})
+    )
+    await late.subscribe(rewound.on_message)
+    await wait_for(lambda: rewound.texts.get(serial) == expected, what="rewound message")
+    assert len(rewound.messages) == 1
+
+    # REST history: one message with the whole text, not one per append.
+    page = await ably_rest.channels.get(channel_name).history()
+    assert [(m.serial, m.data) for m in page.items] == [(serial, expected)]
+
+
+async def test_get_message_versions_and_update_replaces_text(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    channel = (await connected(ably_clients())).channels.get(channel_name)
+    await channel.attach()
+    serial = await _stream(channel, ["one ", "two ", "three"])
+
+    assert (await channel.get_message(serial)).data == "one two three"
+    versions = await channel.get_message_versions(serial)
+    assert len(versions.items) >= 1
+
+    await channel.update_message(Message(serial=serial, data="replaced", name="response"))
+    await wait_for_async(lambda: _message_data(channel, serial), "replaced")
+    history = await ably_rest.channels.get(channel_name).history()
+    assert [m.data for m in history.items] == ["replaced"]
+
+
+async def _message_data(channel: Any, serial: str) -> Any:
+    return (await channel.get_message(serial)).data
+
+
+async def wait_for_async(fetch: Any, expected: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (value := await fetch()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"got {value!r}, expected {expected!r}")
+        await asyncio.sleep(0.05)
+
+
+async def test_headers_in_extras_reach_subscribers_and_history(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    """The wire contract carries `responseId` and `status` in `extras.headers`; an append
+    replaces extras, so every append resends all headers (DESIGN.md)."""
+    live = TextView()
+    sub = (await connected(ably_clients())).channels.get(channel_name)
+    await sub.subscribe(live.on_message)
+    pub = (await connected(ably_clients())).channels.get(channel_name)
+    await pub.attach()
+    streaming = {"headers": {"responseId": "job-1", "status": "streaming"}}
+    complete = {"headers": {"responseId": "job-1", "status": "complete"}}
+    result = await pub.publish(Message(name="response", data="", extras=streaming))
+    serial = result.serials[0]
+    await pub.append_message(Message(serial=serial, data="hi", extras=streaming))
+    await pub.append_message(Message(serial=serial, data="", extras=complete))
+
+    await wait_for(lambda: live.texts.get(serial) == "hi", what="text")
+    await wait_for(
+        lambda: (live.messages[-1].extras or {}).get("headers", {}).get("status") == "complete",
+        what="closing headers",
+    )
+    stored = (await ably_rest.channels.get(channel_name).history()).items[0]
+    assert stored.data == "hi"
+    assert stored.extras["headers"] == {"responseId": "job-1", "status": "complete"}
+
+
+async def test_presence_enter_update_leave_get_and_events(
+    ably_clients: Any, channel_name: str
+) -> None:
+    events: list[tuple[str, str, Any]] = []
+    watcher = (await connected(ably_clients())).channels.get(channel_name)
+    await watcher.presence.subscribe(lambda m: events.append((m.action, m.client_id, m.data)))
+    agent = (await connected(ably_clients(client_id="agent-1"))).channels.get(channel_name)
+
+    await agent.presence.enter({"capacity": 4, "in_flight": 0})
+    await wait_for(lambda: any(e[0] == "enter" for e in events), what="enter event")
+    members = await watcher.presence.get()
+    assert [(m.client_id, m.data) for m in members] == [
+        ("agent-1", {"capacity": 4, "in_flight": 0})
+    ]
+
+    await agent.presence.update({"capacity": 4, "in_flight": 2})
+    await wait_for(lambda: any(e[0] == "update" for e in events), what="update event")
+    assert (await watcher.presence.get())[0].data == {"capacity": 4, "in_flight": 2}
+
+    await agent.presence.leave()
+    await wait_for(lambda: any(e[0] == "leave" for e in events), what="leave event")
+    assert await watcher.presence.get() == []
+    assert [e[0] for e in events] == ["enter", "update", "leave"]
+    assert {e[1] for e in events} == {"agent-1"}
+
+
+PRESENT_SCRIPT = """
+import asyncio, sys
+from worker.transport.client import realtime_client
+async def main():
+    client = realtime_client(sys.argv[1], sys.argv[2], client_id="crashing-agent",
+                             transport_params={"remainPresentFor": 1000})
+    channel = client.channels.get(sys.argv[3])
+    await channel.presence.enter({"pid": 1})
+    print("entered", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_abrupt_disconnect_gives_a_synthetic_leave(
+    local_ably: LocalAbly, ably_clients: Any, channel_name: str
+) -> None:
+    """Ably docs: a member whose connection drops abruptly is removed after 15 s (the
+    `remainPresentFor` transport parameter shortens it). A killed process must leave."""
+    watcher = (await connected(ably_clients())).channels.get(channel_name)
+    events: list[tuple[str, str]] = []
+    await watcher.presence.subscribe(lambda m: events.append((m.action, m.client_id)))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PRESENT_SCRIPT, local_ably.key, local_ably.endpoint, channel_name,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"entered"
+    await wait_for(lambda: ("enter", "crashing-agent") in events, what="enter")
+
+    proc.send_signal(signal.SIGKILL)  # no CLOSE: the socket just dies
+    await proc.wait()
+    killed_at = time.monotonic()
+    await wait_for(lambda: ("leave", "crashing-agent") in events, timeout=20, what="leave")
+    assert time.monotonic() - killed_at >= 0.5  # after the grace period, not at once
+    assert await watcher.presence.get() == []
+
+
+def _jwt(key: AblyKey, capability: dict[str, list[str]], ttl_s: int = 600) -> str:
+    now = int(time.time())
+    claims = {"iat": now, "exp": now + ttl_s, "x-ably-capability": json.dumps(capability)}
+    return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.key_name})
+
+
+async def test_jwt_capability_allows_one_channel_and_refuses_others(
+    local_ably: LocalAbly, channel_name: str
+) -> None:
+    token = _jwt(AblyKey.parse(local_ably.key), {f"{channel_name}": ["subscribe", "publish"]})
+    client = realtime_client(None, local_ably.endpoint, token=token)
+    try:
+        await connected(client)
+        allowed = client.channels.get(channel_name)
+        await allowed.attach()
+        assert allowed.state == "attached"
+        await allowed.publish("greeting", "hello")
+
+        denied = client.channels.get(f"{channel_name}-other")
+        with pytest.raises(AblyException) as refused:
+            await denied.attach()
+        assert refused.value.code == 40160
+    finally:
+        await client.close()
+
+
+async def test_token_request_signed_with_the_key_authenticates(
+    local_ably: LocalAbly, ably_rest: Any, channel_name: str
+) -> None:
+    async def auth_callback(_params: Any) -> Any:
+        return await ably_rest.auth.create_token_request(
+            {"capability": {channel_name: ["*"]}, "client_id": "signed-client"}
+        )
+
+    client = realtime_client(None, local_ably.endpoint, auth_callback=auth_callback)
+    try:
+        await connected(client)
+        channel = client.channels.get(channel_name)
+        await channel.attach()
+        result = await channel.publish("greeting", "hello")
+        assert result.serials[0]
+        assert client.auth.client_id == "signed-client"
+    finally:
+        await client.close()
+
+
+async def test_wrong_secret_is_refused(local_ably: LocalAbly) -> None:
+    wrong = f"{AblyKey.parse(local_ably.key).key_name}:not-the-secret"
+    client = rest_client(wrong, local_ably.endpoint)
+    with pytest.raises(AblyException) as refused:
+        await client.auth.request_token()
+    assert 40100 <= refused.value.code < 40200
+    await client.close()

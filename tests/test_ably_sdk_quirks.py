@@ -1,0 +1,62 @@
+"""The corrections in `worker.transport.sdk_quirks`: each works, and each is still needed.
+
+A test named `..._still_...` fails once ably-python fixes the quirk: then delete the
+correction and the test.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from worker.devstack.ably import LocalAbly
+from worker.transport import sdk_quirks
+from worker.transport.client import realtime_client
+
+
+def _options(tls: bool, port: int = 0, tls_port: int = 0) -> Any:
+    return SimpleNamespace(tls=tls, port=port, tls_port=tls_port)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "expected"),
+    [
+        ("ws://127.0.0.1?v=5", _options(False, port=8080), "ws://127.0.0.1:8080?v=5"),
+        ("wss://h.example?v=5", _options(True, tls_port=8443), "wss://h.example:8443?v=5"),
+        ("ws://[::1]?v=5", _options(False, port=9000), "ws://[::1]:9000?v=5"),
+        # Ably itself: default ports, nothing to correct.
+        ("wss://main.realtime.ably.net?v=5", _options(True), "wss://main.realtime.ably.net?v=5"),
+        ("ws://127.0.0.1?v=5", _options(False, port=80), "ws://127.0.0.1?v=5"),
+        # A URL that already has a port is left alone.
+        ("ws://127.0.0.1:7000?v=5", _options(False, port=8080), "ws://127.0.0.1:7000?v=5"),
+    ],
+)
+def test_realtime_url_gets_the_configured_port(url: str, options: Any, expected: str) -> None:
+    assert sdk_quirks.realtime_url_with_port(url, options) == expected
+
+
+async def test_sdk_still_drops_the_realtime_port(
+    local_ably: LocalAbly, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ably.transport.websockettransport")
+    client = realtime_client(local_ably.key, local_ably.endpoint)
+    try:
+        await client.connection.once_async("connected")  # connected: the correction works
+        dialled = [r.getMessage() for r in caplog.records if "attempting to connect" in r.message]
+        assert dialled, "the SDK no longer logs the URL it dials: check the quirk by hand"
+        assert "ws://127.0.0.1?" in dialled[0]
+        assert f":{local_ably.port}" not in dialled[0]
+    finally:
+        await client.close()
+
+
+def test_sdk_decoder_still_rejects_a_null_encoding() -> None:
+    with pytest.raises(AttributeError):
+        sdk_quirks.ORIGINAL_DECODE("text", None)
+    sdk_quirks.apply()
+    from ably.types.message import Message
+
+    assert Message.from_encoded({"data": "text", "encoding": None}).data == "text"

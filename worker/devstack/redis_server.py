@@ -1,0 +1,118 @@
+"""A real `redis-server` as a child process on a free port, for tests and `worker dev`.
+
+The binary is `REDIS_SERVER_BIN` or `redis-server` on PATH. Nothing is kept on disk unless
+`appendonly` is asked for (tests that restart Redis and expect the data back ask for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import redis.asyncio as aioredis
+
+from worker.devstack.ports import free_port
+
+
+def redis_server_binary() -> str:
+    binary = os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
+    if not binary:
+        raise RuntimeError(
+            "redis-server not found: install it (`apt-get install redis-server`) "
+            "or set REDIS_SERVER_BIN"
+        )
+    return binary
+
+
+@dataclass
+class LocalRedis:
+    """`async with LocalRedis() as r: r.url` — a private redis-server, stopped on exit."""
+
+    port: int = 0
+    appendonly: bool = False
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="local-redis-")
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", self._dir.name, "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            while True:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with code {self._proc.returncode}")
+                try:
+                    if await client.ping():
+                        return
+                except (OSError, aioredis.ConnectionError):
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        """Stop the process at once (SIGKILL), keeping its data directory for a restart."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    async def restart(self) -> None:
+        self.kill()
+        self.start()
+        await self.wait_ready()
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    async def __aenter__(self) -> LocalRedis:
+        self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,60 @@
+"""The queue seam: what the runtime needs from a job queue, whatever stores it.
+
+`RedisStreamsQueue` is the one implementation; tests and the runtime use this interface.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.jobs import Job
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"  # waiting out its backoff in the delayed set
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"  # failed its last attempt, or can never run: in the dead-letter stream
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job handed to this worker: a parsed job, or a raw payload that failed to parse."""
+
+    entry_id: str
+    job_id: str
+    attempt: int
+    job: Job | None = None
+    error: str | None = None  # why `job` is None: the reason it goes to the dead letters
+    response_serial: str | None = None  # the channel message an earlier attempt opened
+    reclaimed: bool = False  # taken back from a worker whose heartbeat expired
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    waiting: int  # in the stream, not yet delivered to any worker
+    pending: int  # delivered, not yet acknowledged (running, or held by a dead worker)
+    delayed: int  # retries waiting out their backoff
+    dead: int  # in the dead-letter stream
+    workers: list[dict[str, Any]] = field(default_factory=list)  # live, with heartbeat info
+    oldest_waiting_age_s: float | None = None  # lag: how long the oldest waiting job has waited
+
+
+class Queue(Protocol):
+    async def enqueue(self, job: Job) -> bool: ...
+    async def take(self, count: int, block_ms: int) -> list[Delivery]: ...
+    async def set_response_serial(self, job_id: str, serial: str) -> None: ...
+    async def record(self, job_id: str, **fields: Any) -> None: ...
+    async def complete(self, delivery: Delivery, state: JobState = JobState.COMPLETED) -> None: ...
+    async def retry_or_dead_letter(self, delivery: Delivery, error: str) -> JobState: ...
+    async def dead_letter(self, delivery: Delivery, error: str) -> None: ...
+    async def requeue_interrupted(self, delivery: Delivery) -> None: ...
+    async def heartbeat(self, info: dict[str, Any]) -> None: ...
+    async def reclaim(self) -> list[Delivery]: ...
+    async def promote_due(self) -> int: ...
+    async def stats(self) -> QueueStats: ...
+    async def status(self, job_id: str) -> dict[str, str] | None: ...

@@ -1,0 +1,385 @@
+"""The job queue on Redis Streams: one consumer group, at-least-once.
+
+Keys, under a prefix (default `aitw`):
+
+| key | type | holds |
+| --- | --- | --- |
+| `P:jobs` | stream | waiting and in-flight jobs, field `job` = the job's JSON; group `workers` |
+| `P:job:{id}` | hash | the job record: state, attempts, entry, response_serial, timings, error |
+| `P:delayed` | sorted set | job ids waiting out a retry backoff, scored by due time (ms) |
+| `P:dead` | stream | dead-lettered jobs: `job_id`, `job`, `error`, `attempts`, `worker` |
+| `P:worker:{consumer}` | string | a live worker's heartbeat (JSON), with a TTL |
+| `P:workers` | sorted set | consumers by last heartbeat (ms), for `status` |
+
+A job is acknowledged (and its entry deleted) only when the runtime says it is finished.
+An unacknowledged entry goes to another worker only once its owner's heartbeat key has
+expired (`reclaim`), so a slow but live worker keeps its jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from worker.jobs import Job, JobError, parse_job
+from worker.queue.base import Delivery, JobState, QueueStats
+
+GROUP = "workers"
+
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'channel', ARGV[2],
+           'enqueued_at', ARGV[3], 'entry', entry, 'payload', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# Returns {attempts, response_serial} for a job this worker may run, {-1} for a second
+# entry of a job that already has one (a duplicate enqueue), {-2} for a finished job.
+_TAKE = """
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry and entry ~= ARGV[1] then return {-1, ''} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'dead' or state == 'cancelled' then return {-2, ''} end
+if not entry then
+  redis.call('HSET', KEYS[1], 'payload', ARGV[4], 'channel', ARGV[5], 'enqueued_at', ARGV[3],
+             'entry', ARGV[1])
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return {attempts, redis.call('HGET', KEYS[1], 'response_serial') or ''}
+"""
+
+# Moves due retries from the delayed set back into the stream.
+_PROMOTE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local record = ARGV[2] .. id
+  local payload = redis.call('HGET', record, 'payload')
+  if payload then
+    local entry = redis.call('XADD', KEYS[2], '*', 'job', payload)
+    redis.call('HSET', record, 'state', 'queued', 'entry', entry)
+  end
+end
+return #ids
+"""
+
+# Puts an interrupted job back at the end of the stream without spending an attempt.
+_REQUEUE = """
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry)
+redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XDEL', KEYS[2], ARGV[3])
+return entry
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with "equal jitter": between half and all of base * 2^(n-1)."""
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class RedisStreamsQueue:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "aitw",
+        consumer: str = "worker",
+        max_attempts: int = 3,
+        heartbeat_ttl_s: int = 30,
+        claim_min_idle_ms: int = 2_000,
+        record_ttl_s: int = 7 * 86_400,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.consumer = consumer
+        self.max_attempts = max_attempts
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.claim_min_idle_ms = claim_min_idle_ms
+        self.record_ttl_s = record_ttl_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.stream = f"{prefix}:jobs"
+        self.dead = f"{prefix}:dead"
+        self.delayed = f"{prefix}:delayed"
+        self.workers = f"{prefix}:workers"
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._take = redis.register_script(_TAKE)
+        self._promote = redis.register_script(_PROMOTE)
+        self._requeue = redis.register_script(_REQUEUE)
+
+    def record_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def worker_key(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- producing --------------------------------------------------------------------
+
+    async def enqueue(self, job: Job) -> bool:
+        """Add a job; False if a job with this id exists already (then nothing changes)."""
+        keys = [self.record_key(job.id), self.stream]
+        args = [job.to_json(), job.channel, now_ms(), self.record_ttl_s]
+        return bool(await self._enqueue(keys=keys, args=args))
+
+    # -- consuming --------------------------------------------------------------------
+
+    async def take(self, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` new jobs for this consumer, waiting up to `block_ms` for one."""
+        if count <= 0:
+            return []
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        entries = reply[0][1] if reply else []
+        return await self._accept_all(entries, reclaimed=False)
+
+    async def reclaim(self) -> list[Delivery]:
+        """Take over the unacknowledged jobs of workers whose heartbeat has expired."""
+        pending = await self.redis.xpending_range(
+            self.stream, GROUP, min="-", max="+", count=100, idle=self.claim_min_idle_ms
+        )
+        owners = {p["consumer"] for p in pending if p["consumer"] != self.consumer}
+        dead = {c for c in owners if not await self.redis.exists(self.worker_key(c))}
+        ids = [p["message_id"] for p in pending if p["consumer"] in dead]
+        if not ids:
+            return []
+        entries = await self.redis.xclaim(
+            self.stream, GROUP, self.consumer, self.claim_min_idle_ms, ids
+        )
+        return await self._accept_all(entries, reclaimed=True)
+
+    async def _accept_all(self, entries: list[Any], *, reclaimed: bool) -> list[Delivery]:
+        deliveries = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted while pending: nothing to run
+                await self._ack(entry_id)
+                continue
+            delivery = await self._accept(entry_id, fields, reclaimed)
+            if delivery is not None:
+                deliveries.append(delivery)
+        return deliveries
+
+    async def _accept(
+        self, entry_id: str, fields: dict[str, str], reclaimed: bool
+    ) -> Delivery | None:
+        payload = fields.get("job", "")
+        job, error = _parse(payload, entry_id)
+        job_id = job.id if job else _raw_id(payload, entry_id)
+        channel = job.channel if job else ""
+        stored = job.to_json() if job else payload  # with its id, so a retry keeps it
+        args = [entry_id, self.consumer, now_ms(), stored, channel, self.record_ttl_s]
+        attempts, serial = await self._take(keys=[self.record_key(job_id)], args=args)
+        if int(attempts) < 0:  # duplicate entry, or a job already finished: drop the entry
+            await self._ack(entry_id)
+            return None
+        delivery = Delivery(
+            entry_id=entry_id, job_id=job_id, attempt=int(attempts), job=job, error=error,
+            response_serial=serial or None, reclaimed=reclaimed,
+        )  # fmt: skip
+        if job is not None and delivery.attempt > self.max_attempts:
+            # Every attempt so far ended with its worker gone: a job that kills workers.
+            reason = f"gave up after {self.max_attempts} attempts whose workers stopped mid-job"
+            return dataclasses.replace(delivery, job=None, error=reason)
+        return delivery
+
+    async def set_response_serial(self, job_id: str, serial: str) -> None:
+        await self.redis.hset(self.record_key(job_id), "response_serial", serial)
+
+    async def record(self, job_id: str, **fields: Any) -> None:
+        """Add figures or facts to the job record (timings, tokens, error)."""
+        if fields:
+            mapping = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+            await self.redis.hset(self.record_key(job_id), mapping=mapping)
+
+    # -- finishing --------------------------------------------------------------------
+
+    async def complete(self, delivery: Delivery, state: JobState = JobState.COMPLETED) -> None:
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.hset(
+                self.record_key(delivery.job_id), mapping={"state": state, "finished_at": now_ms()}
+            )
+            tx.xack(self.stream, GROUP, delivery.entry_id)
+            tx.xdel(self.stream, delivery.entry_id)
+            await tx.execute()
+
+    async def retry_or_dead_letter(self, delivery: Delivery, error: str) -> JobState:
+        """Schedule the next attempt with backoff, or dead-letter after the last one."""
+        if delivery.attempt >= self.max_attempts or delivery.job is None:
+            await self.dead_letter(delivery, error)
+            return JobState.DEAD
+        delay = backoff_seconds(delivery.attempt, self.backoff_base_s, self.backoff_cap_s)
+        due = now_ms() + int(delay * 1000)
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.zadd(self.delayed, {delivery.job_id: due})
+            tx.hset(
+                self.record_key(delivery.job_id),
+                mapping={"state": JobState.RETRYING, "error": error, "next_attempt_at": due},
+            )
+            tx.xack(self.stream, GROUP, delivery.entry_id)
+            tx.xdel(self.stream, delivery.entry_id)
+            await tx.execute()
+        return JobState.RETRYING
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        record = self.record_key(delivery.job_id)
+        payload = await self.redis.hget(record, "payload") or ""
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.xadd(self.dead, {
+                "job_id": delivery.job_id, "job": payload, "error": error,
+                "attempts": delivery.attempt, "worker": self.consumer, "failed_at": now_ms(),
+            })  # fmt: skip
+            tx.hset(
+                record, mapping={"state": JobState.DEAD, "error": error, "finished_at": now_ms()}
+            )
+            tx.xack(self.stream, GROUP, delivery.entry_id)
+            tx.xdel(self.stream, delivery.entry_id)
+            await tx.execute()
+
+    async def requeue_interrupted(self, delivery: Delivery) -> None:
+        """Give a job this worker could not finish (shutdown) straight back to the queue."""
+        record = self.record_key(delivery.job_id)
+        payload = await self.redis.hget(record, "payload") or ""
+        await self._requeue(keys=[record, self.stream], args=[payload, GROUP, delivery.entry_id])
+
+    async def promote_due(self) -> int:
+        """Move retries whose backoff has passed back into the stream; returns how many."""
+        prefix = f"{self.prefix}:job:"
+        return int(await self._promote(keys=[self.delayed, self.stream], args=[now_ms(), prefix]))
+
+    async def _ack(self, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.xack(self.stream, GROUP, entry_id)
+            tx.xdel(self.stream, entry_id)
+            await tx.execute()
+
+    # -- liveness ---------------------------------------------------------------------
+
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        """Say this worker is alive; its jobs stay its own while this key lives."""
+        body = json.dumps({**info, "consumer": self.consumer, "at": now_ms()})
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.set(self.worker_key(self.consumer), body, ex=self.heartbeat_ttl_s)
+            tx.zadd(self.workers, {self.consumer: now_ms()})
+            await tx.execute()
+
+    async def leave(self) -> None:
+        """Forget this worker: its remaining unacknowledged jobs are free to reclaim now."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.delete(self.worker_key(self.consumer))
+            tx.zrem(self.workers, self.consumer)
+            await tx.execute()
+        mine = await self.redis.xpending_range(
+            self.stream, GROUP, min="-", max="+", count=1, consumername=self.consumer
+        )
+        if not mine:
+            await self.redis.xgroup_delconsumer(self.stream, GROUP, self.consumer)
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def stats(self) -> QueueStats:
+        await self.ensure_group()
+        group = next(g for g in await self.redis.xinfo_groups(self.stream) if g["name"] == GROUP)
+        pending = int(group["pending"])
+        lag = group.get("lag")
+        waiting = (
+            int(lag) if lag is not None else max(0, await self.redis.xlen(self.stream) - pending)
+        )
+        return QueueStats(
+            waiting=waiting,
+            pending=pending,
+            delayed=int(await self.redis.zcard(self.delayed)),
+            dead=int(await self.redis.xlen(self.dead)),
+            workers=await self.live_workers(),
+            oldest_waiting_age_s=await self._oldest_waiting_age(group["last-delivered-id"]),
+        )
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        since = now_ms() - self.heartbeat_ttl_s * 1000
+        consumers = await self.redis.zrangebyscore(self.workers, since, "+inf")
+        bodies = [await self.redis.get(self.worker_key(c)) for c in consumers]
+        return [json.loads(b) for b in bodies if b]
+
+    async def _oldest_waiting_age(self, last_delivered: str) -> float | None:
+        after = await self.redis.xrange(self.stream, min=f"({last_delivered}", count=1)
+        if not after:
+            return None
+        return max(0.0, (now_ms() - int(after[0][0].split("-")[0])) / 1000)
+
+    async def status(self, job_id: str) -> dict[str, str] | None:
+        record = await self.redis.hgetall(self.record_key(job_id))
+        return dict(record) if record else None
+
+    # -- dead letters -----------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        return [{"entry_id": i, **f} for i, f in await self.redis.xrange(self.dead, count=count)]
+
+    async def retry_dead(self, entry_ids: list[str] | None = None) -> int:
+        """Put dead-lettered jobs back in the queue with fresh attempts; returns how many."""
+        letters = await self.dead_letters(count=10_000)
+        chosen = [d for d in letters if entry_ids is None or d["entry_id"] in entry_ids]
+        for letter in chosen:
+            record = self.record_key(letter["job_id"])
+            async with self.redis.pipeline(transaction=True) as tx:
+                tx.delete(record)  # a fresh record: attempts from zero
+                tx.xdel(self.dead, letter["entry_id"])
+                await tx.execute()
+            await self.redis.xadd(self.stream, {"job": letter["job"]})
+        return len(chosen)
+
+    async def purge_dead(self) -> int:
+        count = int(await self.redis.xlen(self.dead))
+        await self.redis.delete(self.dead)
+        return count
+
+
+def _parse(payload: str, entry_id: str) -> tuple[Job | None, str | None]:
+    """Parse a stream payload; a job enqueued without an id gets one from its entry."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError:
+        data = payload  # let parse_job word the error
+    if isinstance(data, dict) and "id" not in data:
+        data = {**data, "id": f"x{entry_id}"}
+    try:
+        return parse_job(data if isinstance(data, dict) else payload), None
+    except JobError as exc:
+        return None, str(exc)
+
+
+def _raw_id(payload: str, entry_id: str) -> str:
+    """An id for a job that does not parse: its own if it has a usable one, else the entry's."""
+    try:
+        data = json.loads(payload)
+        candidate = data.get("id") if isinstance(data, dict) else None
+    except json.JSONDecodeError:
+        candidate = None
+    if isinstance(candidate, str) and 0 < len(candidate) <= 128:
+        return candidate
+    return f"x{entry_id}"

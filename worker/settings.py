@@ -1,0 +1,103 @@
+"""Every knob, read from the environment (12-factor) and validated at start.
+
+`load_settings()` turns a bad or missing value into `SettingsError` with one line naming
+the variable, which the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.transport.client import Endpoint
+
+
+def default_worker_id() -> str:
+    """Heroku's `DYNO` (web.1, worker.2) names the process; elsewhere host and pid do."""
+    return os.environ.get("DYNO") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def default_log_format() -> Literal["json", "console"]:
+    return "console" if sys.stderr.isatty() else "json"
+
+
+class Settings(BaseSettings):
+    """The worker's configuration. Field names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_prefix: str = Field(default="aitw", min_length=1)
+
+    ably_api_key: SecretStr
+    ably_endpoint: str = ""
+
+    openai_api_key: SecretStr
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4.1-mini"
+    openai_api: Literal["responses", "chat"] = "responses"
+
+    worker_concurrency: int = Field(default=16, ge=1, le=1000)
+    worker_id: str = Field(default_factory=default_worker_id, min_length=1)
+    shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
+    job_timeout_seconds: float = Field(default=300.0, gt=0)
+    append_rollup_window_ms: int = Field(default=40, ge=0, le=500)
+    presence_channel: str = Field(default="agents", min_length=1)
+
+    log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("ably_api_key")
+    @classmethod
+    def _ably_key_shape(cls, value: SecretStr) -> SecretStr:
+        name, sep, secret = value.get_secret_value().partition(":")
+        if not (sep and "." in name and secret):
+            raise ValueError("must look like APP.KEYID:SECRET")
+        return value
+
+    @field_validator("ably_endpoint")
+    @classmethod
+    def _endpoint_shape(cls, value: str) -> str:
+        Endpoint.parse(value)  # raises ValueError with the expected shape
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class SettingsError(Exception):
+    """A setting is missing or bad; the message names the variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+        if error["type"] == "missing":
+            problems.append(f"{variable} is required but not set")
+        else:
+            # Never echo the value back: it may be a secret.
+            problems.append(f"{variable}: {error['msg']}")
+    return "bad configuration: " + "; ".join(problems)
