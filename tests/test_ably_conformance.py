@@ -20,6 +20,7 @@ import pytest
 from ably import AblyException
 from ably.types.channeloptions import ChannelOptions
 from ably.types.message import Message, MessageAction
+from ably.types.presence import PresenceAction
 
 from tests.ably_helpers import TextView, wait_for
 from worker.devstack.ably import AblyKey, LocalAbly
@@ -37,7 +38,7 @@ async def connected(client: Any) -> Any:
 async def test_connects_with_msgpack_and_json(ably_clients: Any, binary: bool) -> None:
     client = await connected(ably_clients(use_binary_protocol=binary))
     assert client.connection.state == "connected"
-    assert client.connection.id
+    assert client.connection.connection_manager.connection_id  # ably-python has no connection.id
 
 
 async def _stream(channel: Any, fragments: list[str]) -> str:
@@ -157,7 +158,10 @@ async def test_headers_in_extras_reach_subscribers_and_history(
     result = await pub.publish(Message(name="response", data="", extras=streaming))
     serial = result.serials[0]
     await pub.append_message(Message(serial=serial, data="hi", extras=streaming))
-    await pub.append_message(Message(serial=serial, data="", extras=complete))
+    # Closing with an update carrying the whole text: Sockudo refuses an append with
+    # empty data (40000 "append request data must not be empty"), which Ably's docs do
+    # not forbid; the worker never sends one (see test_empty_append_is_refused).
+    await pub.update_message(Message(serial=serial, name="response", data="hi", extras=complete))
 
     await wait_for(lambda: live.texts.get(serial) == "hi", what="text")
     await wait_for(
@@ -172,26 +176,30 @@ async def test_headers_in_extras_reach_subscribers_and_history(
 async def test_presence_enter_update_leave_get_and_events(
     ably_clients: Any, channel_name: str
 ) -> None:
-    events: list[tuple[str, str, Any]] = []
+    events: list[tuple[int, str, Any]] = []
     watcher = (await connected(ably_clients())).channels.get(channel_name)
     await watcher.presence.subscribe(lambda m: events.append((m.action, m.client_id, m.data)))
     agent = (await connected(ably_clients(client_id="agent-1"))).channels.get(channel_name)
 
     await agent.presence.enter({"capacity": 4, "in_flight": 0})
-    await wait_for(lambda: any(e[0] == "enter" for e in events), what="enter event")
+    await wait_for(lambda: any(e[0] == PresenceAction.ENTER for e in events), what="enter")
     members = await watcher.presence.get()
     assert [(m.client_id, m.data) for m in members] == [
         ("agent-1", {"capacity": 4, "in_flight": 0})
     ]
 
     await agent.presence.update({"capacity": 4, "in_flight": 2})
-    await wait_for(lambda: any(e[0] == "update" for e in events), what="update event")
+    await wait_for(lambda: any(e[0] == PresenceAction.UPDATE for e in events), what="update")
     assert (await watcher.presence.get())[0].data == {"capacity": 4, "in_flight": 2}
 
     await agent.presence.leave()
-    await wait_for(lambda: any(e[0] == "leave" for e in events), what="leave event")
+    await wait_for(lambda: any(e[0] == PresenceAction.LEAVE for e in events), what="leave")
     assert await watcher.presence.get() == []
-    assert [e[0] for e in events] == ["enter", "update", "leave"]
+    assert [e[0] for e in events] == [
+        PresenceAction.ENTER,
+        PresenceAction.UPDATE,
+        PresenceAction.LEAVE,
+    ]
     assert {e[1] for e in events} == {"agent-1"}
 
 
@@ -215,7 +223,7 @@ async def test_abrupt_disconnect_gives_a_synthetic_leave(
     """Ably docs: a member whose connection drops abruptly is removed after 15 s (the
     `remainPresentFor` transport parameter shortens it). A killed process must leave."""
     watcher = (await connected(ably_clients())).channels.get(channel_name)
-    events: list[tuple[str, str]] = []
+    events: list[tuple[int, str]] = []
     await watcher.presence.subscribe(lambda m: events.append((m.action, m.client_id)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", PRESENT_SCRIPT, local_ably.key, local_ably.endpoint, channel_name,
@@ -223,12 +231,14 @@ async def test_abrupt_disconnect_gives_a_synthetic_leave(
     )  # fmt: skip
     assert proc.stdout is not None
     assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"entered"
-    await wait_for(lambda: ("enter", "crashing-agent") in events, what="enter")
+    await wait_for(lambda: (PresenceAction.ENTER, "crashing-agent") in events, what="enter")
 
     proc.send_signal(signal.SIGKILL)  # no CLOSE: the socket just dies
     await proc.wait()
     killed_at = time.monotonic()
-    await wait_for(lambda: ("leave", "crashing-agent") in events, timeout=20, what="leave")
+    await wait_for(
+        lambda: (PresenceAction.LEAVE, "crashing-agent") in events, timeout=20, what="leave"
+    )
     assert time.monotonic() - killed_at >= 0.5  # after the grace period, not at once
     assert await watcher.presence.get() == []
 
@@ -239,6 +249,7 @@ def _jwt(key: AblyKey, capability: dict[str, list[str]], ttl_s: int = 600) -> st
     return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.key_name})
 
 
+@pytest.mark.filterwarnings("ignore:The HMAC key is")  # the local dev secret is short on purpose
 async def test_jwt_capability_allows_one_channel_and_refuses_others(
     local_ably: LocalAbly, channel_name: str
 ) -> None:
@@ -286,3 +297,26 @@ async def test_wrong_secret_is_refused(local_ably: LocalAbly) -> None:
         await client.auth.request_token()
     assert 40100 <= refused.value.code < 40200
     await client.close()
+
+
+async def test_empty_append_is_refused_by_sockudo(ably_clients: Any, channel_name: str) -> None:
+    """Difference from Ably: Sockudo refuses `message.append` with empty data. Ably's docs
+    describe appends without such a rule. The worker closes with an update instead."""
+    channel = (await connected(ably_clients())).channels.get(channel_name)
+    await channel.attach()
+    serial = (await channel.publish(Message(name="response", data=""))).serials[0]
+    with pytest.raises(AblyException) as refused:
+        await channel.append_message(Message(serial=serial, data=""))
+    assert refused.value.code == 40000
+
+
+async def test_update_without_data_keeps_the_text(ably_clients: Any, channel_name: str) -> None:
+    """An update that carries only extras leaves the text as it was (the worker's closing
+    update for an answer too long to resend whole relies on this)."""
+    channel = (await connected(ably_clients())).channels.get(channel_name)
+    await channel.attach()
+    serial = await _stream(channel, ["long ", "answer"])
+    closing = {"headers": {"responseId": "r", "status": "complete"}}
+    await channel.update_message(Message(serial=serial, name="response", extras=closing))
+    stored = await channel.get_message(serial)
+    assert (stored.data, stored.extras) == ("long answer", closing)

@@ -61,7 +61,7 @@ def _route_stdlib(shared: list[Any], renderer: Any, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("ably", "httpx", "httpcore", "websockets"):
+    for noisy in ("ably", "httpx", "httpx2", "httpcore", "websockets", "openai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

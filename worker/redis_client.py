@@ -7,6 +7,8 @@ because Heroku Redis serves a self-signed certificate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -14,7 +16,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 
 
 def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "decode_responses": True,
         "health_check_interval": 15,
         "socket_keepalive": True,

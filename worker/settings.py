@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,16 +26,49 @@ def default_log_format() -> Literal["json", "console"]:
     return "console" if sys.stderr.isatty() else "json"
 
 
-class Settings(BaseSettings):
-    """The worker's configuration. Field names are the environment variables, upper-cased."""
+class RedisSettings(BaseSettings):
+    """What `enqueue`, `status` and `dlq` need: only the queue."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_prefix: str = Field(default="aitw", min_length=1)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class AblySettings(BaseSettings):
+    """What `watch` needs: only Ably."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
     ably_api_key: SecretStr
     ably_endpoint: str = ""
+
+    @field_validator("ably_api_key")
+    @classmethod
+    def _ably_key_shape(cls, value: SecretStr) -> SecretStr:
+        name, sep, secret = value.get_secret_value().partition(":")
+        if not (sep and "." in name and secret):
+            raise ValueError("must look like APP.KEYID:SECRET")
+        return value
+
+    @field_validator("ably_endpoint")
+    @classmethod
+    def _endpoint_shape(cls, value: str) -> str:
+        Endpoint.parse(value)  # raises ValueError with the expected shape
+        return value
+
+
+class Settings(RedisSettings, AblySettings):
+    """The worker's configuration. Field names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
     openai_api_key: SecretStr
     openai_base_url: str | None = None
@@ -53,40 +86,23 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
-    @field_validator("ably_api_key")
-    @classmethod
-    def _ably_key_shape(cls, value: SecretStr) -> SecretStr:
-        name, sep, secret = value.get_secret_value().partition(":")
-        if not (sep and "." in name and secret):
-            raise ValueError("must look like APP.KEYID:SECRET")
-        return value
-
-    @field_validator("ably_endpoint")
-    @classmethod
-    def _endpoint_shape(cls, value: str) -> str:
-        Endpoint.parse(value)  # raises ValueError with the expected shape
-        return value
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
 
+T = TypeVar("T", bound=BaseSettings)
+
+
 class SettingsError(Exception):
     """A setting is missing or bad; the message names the variable."""
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(kind: type[T] = Settings, **overrides: object) -> T:  # type: ignore[assignment]
+    """Read `kind` from the environment; a bad or missing variable raises SettingsError."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return kind(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
 

@@ -25,6 +25,7 @@ from types import TracebackType
 import aiohttp
 
 from worker.devstack.ports import free_port
+from worker.devstack.processes import server_process_options
 from worker.devstack.sockudo_install import ensure_installed
 
 DEFAULT_KEY = "dev.local:devsecret"
@@ -108,6 +109,10 @@ ttl_seconds = 300
 [app_manager.array.apps.policy.connection_recovery]
 enabled = true
 
+[cors]
+origin = ["*"]
+credentials = false
+
 [ably_compat]
 enabled = true
 
@@ -183,7 +188,10 @@ class LocalAbly:
         # A clean environment: Sockudo reads PORT, REDIS_URL and many more from it.
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": self.log_level}
         self._proc = subprocess.Popen(
-            [str(binary), "--config", str(config)], cwd=self._workdir.name, env=env
+            [str(binary), "--config", str(config)],
+            cwd=self._workdir.name,
+            env=env,
+            **server_process_options(),
         )
 
     async def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:

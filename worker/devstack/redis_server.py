@@ -18,6 +18,7 @@ from types import TracebackType
 import redis.asyncio as aioredis
 
 from worker.devstack.ports import free_port
+from worker.devstack.processes import server_process_options
 
 
 def redis_server_binary() -> str:
@@ -56,7 +57,7 @@ class LocalRedis:
             "--appendfsync", "always",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, **server_process_options())
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

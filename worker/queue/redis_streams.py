@@ -108,7 +108,8 @@ class RedisStreamsQueue:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 60.0,
     ) -> None:
-        self.redis = redis
+        # Any: redis-py types replies as bytes | str; this client decodes them to str.
+        self.redis: Any = redis
         self.prefix = prefix
         self.consumer = consumer
         self.max_attempts = max_attempts
@@ -144,7 +145,7 @@ class RedisStreamsQueue:
     async def enqueue(self, job: Job) -> bool:
         """Add a job; False if a job with this id exists already (then nothing changes)."""
         keys = [self.record_key(job.id), self.stream]
-        args = [job.to_json(), job.channel, now_ms(), self.record_ttl_s]
+        args: list[str | int] = [job.to_json(), job.channel, now_ms(), self.record_ttl_s]
         return bool(await self._enqueue(keys=keys, args=args))
 
     # -- consuming --------------------------------------------------------------------
@@ -159,14 +160,14 @@ class RedisStreamsQueue:
         entries = reply[0][1] if reply else []
         return await self._accept_all(entries, reclaimed=False)
 
-    async def reclaim(self) -> list[Delivery]:
-        """Take over the unacknowledged jobs of workers whose heartbeat has expired."""
+    async def reclaim(self, count: int = 100) -> list[Delivery]:
+        """Take over (up to `count`) unacknowledged jobs of workers whose heartbeat expired."""
         pending = await self.redis.xpending_range(
             self.stream, GROUP, min="-", max="+", count=100, idle=self.claim_min_idle_ms
         )
         owners = {p["consumer"] for p in pending if p["consumer"] != self.consumer}
         dead = {c for c in owners if not await self.redis.exists(self.worker_key(c))}
-        ids = [p["message_id"] for p in pending if p["consumer"] in dead]
+        ids = [p["message_id"] for p in pending if p["consumer"] in dead][:count]
         if not ids:
             return []
         entries = await self.redis.xclaim(
@@ -193,7 +194,8 @@ class RedisStreamsQueue:
         job_id = job.id if job else _raw_id(payload, entry_id)
         channel = job.channel if job else ""
         stored = job.to_json() if job else payload  # with its id, so a retry keeps it
-        args = [entry_id, self.consumer, now_ms(), stored, channel, self.record_ttl_s]
+        now, ttl = now_ms(), self.record_ttl_s
+        args: list[str | int] = [entry_id, self.consumer, now, stored, channel, ttl]
         attempts, serial = await self._take(keys=[self.record_key(job_id)], args=args)
         if int(attempts) < 0:  # duplicate entry, or a job already finished: drop the entry
             await self._ack(entry_id)

@@ -67,6 +67,10 @@ def client_options(
     sdk_quirks.apply()
     options: dict[str, Any] = {"key": key, "use_token_auth": True} if key else {}
     options.update(Endpoint.parse(endpoint).client_options())
+    if key and extra.get("client_id"):
+        # ably-python's realtime Auth leaves the configured clientId out of the token
+        # requests it signs, then refuses its own token (40102) and retries 15 s later.
+        options["default_token_params"] = {"client_id": extra["client_id"]}
     if transport_params:
         options["transport_params"] = _transport_params(transport_params)
     options.update(extra)

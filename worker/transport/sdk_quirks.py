@@ -40,7 +40,7 @@ def _fix_realtime_port() -> None:
             self, realtime_url_with_port(ws_url, self.options), headers
         )
 
-    WebSocketTransport.ws_connect = ws_connect  # type: ignore[method-assign]
+    WebSocketTransport.ws_connect = ws_connect
 
 
 def _fix_null_encoding() -> None:
@@ -55,7 +55,7 @@ def _fix_null_encoding() -> None:
     ) -> Any:
         return ORIGINAL_DECODE(data, encoding or "", cipher, context)
 
-    EncodeDataMixin.decode = staticmethod(decode)  # type: ignore[method-assign,assignment]
+    EncodeDataMixin.decode = staticmethod(decode)
 
 
 def apply() -> None:

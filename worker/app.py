@@ -1,0 +1,112 @@
+"""Wiring: settings in, a running worker out. The CLI's `run` and `dev` call `serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from typing import Any
+
+from worker.job_runner import JobRunner
+from worker.logs import get_logger
+from worker.model import Model, make_client
+from worker.queue import RedisStreamsQueue
+from worker.redis_client import connect_redis
+from worker.runtime import RuntimeOptions, Worker
+from worker.settings import RedisSettings, Settings
+from worker.transport.client import realtime_client
+
+log = get_logger("worker")
+
+ABLY_CONNECT_TIMEOUT_S = 30.0
+
+
+class StartupError(RuntimeError):
+    """The worker cannot start (a refused key, an unreachable service); says which."""
+
+
+def make_queue(
+    settings: RedisSettings, consumer: str = "cli", max_attempts: int = 3
+) -> RedisStreamsQueue:
+    return RedisStreamsQueue(
+        connect_redis(settings.redis_url),
+        prefix=settings.queue_prefix,
+        consumer=consumer,
+        max_attempts=max_attempts,
+    )
+
+
+def consumer_name(worker_id: str) -> str:
+    """One consumer per process: on Heroku a restarted dyno's successor shares its DYNO."""
+    return f"{worker_id}:{uuid.uuid4().hex[:6]}"
+
+
+def make_ably(settings: Settings) -> Any:
+    return realtime_client(
+        settings.ably_api_key.get_secret_value(),
+        settings.ably_endpoint,
+        client_id=settings.worker_id,
+        transport_params={"appendRollupWindow": settings.append_rollup_window_ms},
+    )
+
+
+async def wait_connected(ably: Any, timeout_s: float = ABLY_CONNECT_TIMEOUT_S) -> None:
+    """Wait for the Ably connection; a refused key or no answer is a StartupError."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while ably.connection.state != "connected":
+                if ably.connection.state == "failed":
+                    reason = ably.connection.error_reason
+                    raise StartupError(
+                        f"Ably refused the connection: {reason} (check ABLY_API_KEY)"
+                    )
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise StartupError(
+            f"no Ably connection after {timeout_s:.0f} s (check ABLY_ENDPOINT and the network)"
+        ) from None
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT start the drain. Heroku may send SIGTERM twice: the second one
+    is logged and changes nothing; Heroku's SIGKILL comes 30 s after the first anyway."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("worker.signal", signal=sig.name, draining=stop.is_set())
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the worker until `stop` is set (or a signal arrives), then drain and return."""
+    stop = stop or asyncio.Event()
+    install_signal_handlers(stop)
+    queue = RedisStreamsQueue(
+        connect_redis(settings.redis_url),
+        prefix=settings.queue_prefix,
+        consumer=consumer_name(settings.worker_id),
+        max_attempts=settings.job_max_attempts,
+    )
+    ably = make_ably(settings)
+    model = Model(
+        make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
+        settings.openai_model,
+        settings.openai_api,
+    )
+    try:
+        await queue.redis.ping()
+        await wait_connected(ably)
+        runner = JobRunner(queue, model, ably, timeout_s=settings.job_timeout_seconds)
+        options = RuntimeOptions(
+            concurrency=settings.worker_concurrency,
+            worker_id=settings.worker_id,
+            grace_s=settings.shutdown_grace_seconds,
+            presence_channel=settings.presence_channel,
+        )
+        await Worker(queue, runner, ably, options).run(stop)
+    finally:
+        await ably.close()
+        await queue.redis.aclose()

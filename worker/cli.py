@@ -1,0 +1,210 @@
+"""`python -m worker run | enqueue | status | dlq | watch | dev | schema`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from worker.jobs import JobError, Pattern, job_schema, parse_job
+from worker.settings import AblySettings, RedisSettings, Settings, SettingsError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter stream.")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(kind: type[Any]) -> Any:
+    try:
+        return load_settings(kind)
+    except SettingsError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run() -> None:
+    """Run the worker until SIGTERM or SIGINT (the Procfile's command)."""
+    from worker.app import StartupError, serve
+    from worker.logs import configure_logging, get_logger
+
+    settings: Settings = _settings(Settings)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        get_logger("worker").error("worker.start_failed", error=str(exc))
+        _fail(str(exc), 1)
+    except OSError as exc:  # Redis unreachable at start
+        get_logger("worker").error("worker.start_failed", error=str(exc))
+        _fail(f"cannot reach a service: {exc} (check REDIS_URL)", 1)
+
+
+@app.command()
+def enqueue(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt text.")] = None,
+    channel: Annotated[str | None, typer.Option(help="Ably channel for the answer.")] = None,
+    job_id: Annotated[str | None, typer.Option("--id", help="Idempotency key.")] = None,
+    pattern: Annotated[
+        Pattern, typer.Option(help="How the answer is published.")
+    ] = Pattern.MESSAGE_PER_RESPONSE,
+    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
+    json_file: Annotated[
+        str | None, typer.Option("--json", help="A job as JSON; - for stdin.")
+    ] = None,
+) -> None:
+    """Enqueue one job, from options or from a JSON file; prints the job id."""
+    from worker.enqueue import enqueue as enqueue_job
+
+    raw = _job_fields(prompt, channel, job_id, pattern, model, metadata, json_file)
+    try:
+        job = parse_job(raw)
+    except JobError as exc:
+        _fail(str(exc))
+    settings: RedisSettings = _settings(RedisSettings)
+    job_id, new = asyncio.run(
+        enqueue_job(job, redis_url=settings.redis_url, queue_prefix=settings.queue_prefix)
+    )
+    typer.echo(job_id if new else f"{job_id} (already enqueued: nothing changed)")
+
+
+def _job_fields(
+    prompt: str | None,
+    channel: str | None,
+    job_id: str | None,
+    pattern: Pattern,
+    model: str | None,
+    metadata: list[str] | None,
+    json_file: str | None,
+) -> str | dict[str, Any]:
+    if json_file is not None:
+        return sys.stdin.read() if json_file == "-" else Path(json_file).read_text()
+    if not channel or not prompt:
+        _fail("give --channel and a PROMPT, or --json FILE")
+    pairs = [m.partition("=") for m in metadata or []]
+    if any(not sep for _, sep, _ in pairs):
+        _fail("--metadata takes KEY=VALUE")
+    fields: dict[str, Any] = {"channel": channel, "input": prompt, "pattern": str(pattern)}
+    fields.update({k: v for k, v in {"id": job_id, "model": model}.items() if v})
+    if pairs:
+        fields["metadata"] = {k: v for k, _, v in pairs}
+    return fields
+
+
+@app.command()
+def status(job_id: Annotated[str | None, typer.Argument(help="A job id.")] = None) -> None:
+    """The queue's figures and live workers, or one job's record."""
+    from worker.app import make_queue
+
+    settings: RedisSettings = _settings(RedisSettings)
+
+    async def read() -> Any:
+        queue = make_queue(settings)
+        try:
+            if job_id:
+                return await queue.status(job_id)
+            stats = await queue.stats()
+            return stats.__dict__
+        finally:
+            await queue.redis.aclose()
+
+    result = asyncio.run(read())
+    if result is None:
+        _fail(f"no job {job_id!r}", 1)
+    if job_id and "payload" in result:
+        result["payload"] = (
+            json.loads(result["payload"])
+            if result["payload"].startswith("{")
+            else result["payload"]
+        )
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+
+
+@dlq_app.command("list")
+def dlq_list(count: int = 100) -> None:
+    """Dead-lettered jobs, oldest first, with their errors."""
+    typer.echo(json.dumps(_on_queue(lambda q: q.dead_letters(count)), indent=2, ensure_ascii=False))
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    entry_ids: Annotated[list[str] | None, typer.Argument(help="Entries; all if none.")] = None,
+) -> None:
+    """Put dead-lettered jobs back in the queue with fresh attempts."""
+    count = _on_queue(lambda q: q.retry_dead(entry_ids or None))
+    typer.echo(f"requeued {count}")
+
+
+@dlq_app.command("purge")
+def dlq_purge() -> None:
+    """Delete every dead-lettered job."""
+    typer.echo(f"purged {_on_queue(lambda q: q.purge_dead())}")
+
+
+def _on_queue(action: Any) -> Any:
+    from worker.app import make_queue
+
+    settings: RedisSettings = _settings(RedisSettings)
+
+    async def go() -> Any:
+        queue = make_queue(settings)
+        try:
+            return await action(queue)
+        finally:
+            await queue.redis.aclose()
+
+    return asyncio.run(go())
+
+
+@app.command()
+def watch(
+    channel: Annotated[str, typer.Argument(help="The Ably channel to watch.")],
+    rewind: Annotated[int, typer.Option(help="Replay this many recent messages first.")] = 10,
+) -> None:
+    """Render the channel's answers live in the terminal (and the last few first)."""
+    from worker.watch import watch_channel
+
+    settings: AblySettings = _settings(AblySettings)
+    try:
+        asyncio.run(watch_channel(settings, channel, rewind=rewind))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def dev(
+    prompts: Annotated[int, typer.Option(help="Demo prompts to enqueue.")] = 3,
+    channel: Annotated[
+        str, typer.Option(help="Channel for the demo answers.")
+    ] = "demo:conversation",
+    exit_when_done: Annotated[
+        bool, typer.Option(help="Stop once the demo answers are closed.")
+    ] = False,
+) -> None:
+    """Start redis-server, the local Ably and OpenAI servers and a worker; stream demo answers."""
+    from worker.devstack.launcher import run_dev
+
+    asyncio.run(run_dev(prompts=prompts, channel=channel, exit_when_done=exit_when_done))
+
+
+@app.command()
+def schema() -> None:
+    """Print the job's JSON Schema."""
+    typer.echo(json.dumps(job_schema(), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

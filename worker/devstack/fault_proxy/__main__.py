@@ -1,0 +1,56 @@
+"""`python -m worker.devstack.fault_proxy`: the proxy as a process (see the package docs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from worker.devstack.fault_proxy import FaultProxy
+
+
+async def _serve(proxy: FaultProxy) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with proxy:
+        print(
+            f"fault proxy ready: ABLY_ENDPOINT={proxy.endpoint} -> {proxy.upstream} "
+            f"(control: {proxy.endpoint}/_proxy/)",
+            flush=True,
+        )
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.devstack.fault_proxy",
+        description="Latency, drops, black holes and rate counting between an Ably SDK and "
+        "the server. Control API: POST /_proxy/drop, /_proxy/blackhole?seconds=N, "
+        "/_proxy/latency?ms=N, /_proxy/stats/reset; GET /_proxy/stats.",
+    )
+    parser.add_argument("--upstream", default="http://127.0.0.1:8080", help="the server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="round trip")
+    parser.add_argument(
+        "--enforce-rate-limits",
+        action="store_true",
+        help="refuse with NACK 42911 what would exceed 50 messages/s per connection or channel",
+    )
+    args = parser.parse_args(argv)
+    proxy = FaultProxy(
+        args.upstream,
+        host=args.host,
+        port=args.port,
+        latency_ms=args.latency_ms,
+        enforce_rate_limits=args.enforce_rate_limits,
+    )
+    asyncio.run(_serve(proxy))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

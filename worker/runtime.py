@@ -1,0 +1,267 @@
+"""The daemon: slots, housekeeping, cancellation, signals and the graceful drain.
+
+`Worker.run(stop)` takes jobs while it has free slots, runs each in its own task, and
+keeps named housekeeping coroutines going beside them (heartbeat, reclaim, promote due
+retries, stats). When `stop` is set (SIGTERM, SIGINT) it drains: no new jobs, in-flight
+ones get `SHUTDOWN_GRACE_SECONDS` to finish, the rest are closed as `interrupted` and
+requeued, presence is left, and `run` returns. Nothing else ends it: a failing
+housekeeping step is logged and tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker import __version__
+from worker.job_runner import JobControl, JobRunner, StopReason
+from worker.logs import bind_job, get_logger
+from worker.queue import Delivery, RedisStreamsQueue
+from worker.transport import contract
+from worker.transport.presence import AgentPresence
+
+log = get_logger("worker")
+
+
+@dataclass
+class RuntimeOptions:
+    concurrency: int
+    worker_id: str
+    grace_s: float
+    presence_channel: str
+    heartbeat_interval_s: float = 5.0
+    reclaim_interval_s: float = 5.0
+    promote_interval_s: float = 0.5
+    stats_interval_s: float = 30.0
+    take_block_ms: int = 1000
+
+
+@dataclass
+class Running:
+    delivery: Delivery
+    task: asyncio.Task[Any]
+    control: JobControl = field(default_factory=JobControl)
+
+
+class Worker:
+    def __init__(
+        self, queue: RedisStreamsQueue, runner: JobRunner, ably: Any, options: RuntimeOptions
+    ) -> None:
+        self.queue = queue
+        self.runner = runner
+        self.ably = ably
+        self.options = options
+        self.running: dict[str, Running] = {}  # by job id
+        self._listening: dict[str, tuple[int, Callable[[Any], None]]] = {}  # cancel listeners
+        self._slot_freed = asyncio.Event()
+        self.presence: AgentPresence | None = None
+        self.started = time.monotonic()
+
+    # -- the main loop -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.queue.ensure_group()
+        await self.queue.heartbeat(self._heartbeat_info())
+        await self._enter_presence()
+        log.info("worker.started", worker_id=self.options.worker_id, consumer=self.queue.consumer,
+                 concurrency=self.options.concurrency, version=__version__)  # fmt: skip
+        every = self.options
+        housekeeping = [
+            asyncio.create_task(self._every(every.heartbeat_interval_s, self._heartbeat)),
+            asyncio.create_task(self._every(every.reclaim_interval_s, self._reclaim)),
+            asyncio.create_task(self._every(every.promote_interval_s, self._promote)),
+            asyncio.create_task(self._every(every.stats_interval_s, self._stats)),
+        ]
+        try:
+            await self._take_until(stop)
+            await self._drain()
+        finally:
+            for task in housekeeping:
+                task.cancel()
+            await asyncio.gather(*housekeeping, return_exceptions=True)
+            await self._leave()
+
+    async def _take_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            free = self.options.concurrency - len(self.running)
+            if free <= 0:
+                await self._wait_any(stop, self._slot_freed)
+                self._slot_freed.clear()
+                continue
+            try:
+                deliveries = await self._take_or_stop(free, stop)
+            except Exception as exc:  # Redis away: wait and try again, never exit
+                log.error("queue.take_failed", error=str(exc))
+                await self._wait_any(stop, timeout=1.0)
+                continue
+            for delivery in deliveries:
+                self._start(delivery)
+
+    async def _take_or_stop(self, free: int, stop: asyncio.Event) -> list[Delivery]:
+        take = asyncio.create_task(self.queue.take(free, self.options.take_block_ms))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({take, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not take.done():
+            # Stopping: no new jobs. (XREADGROUP may still have delivered one as we
+            # cancelled; it stays pending under our name and is reclaimed once we leave.)
+            take.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await take
+            return []
+        # A take that returned jobs is honoured even when stop came at the same moment:
+        # they are ours now, and the drain finishes or requeues them.
+        return take.result()
+
+    @staticmethod
+    async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+        waits = [asyncio.create_task(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    # -- one job ------------------------------------------------------------------------
+
+    def _start(self, delivery: Delivery) -> None:
+        running = Running(delivery, asyncio.create_task(self._run_job(delivery)))
+        # The task may already be gone if it had nothing to await; keep it only if not.
+        self.running[delivery.job_id] = running
+        running.task.add_done_callback(lambda _task: self._finished(delivery.job_id))
+        self._set_in_flight()
+
+    async def _run_job(self, delivery: Delivery) -> None:
+        job = delivery.job
+        bind_job(job_id=delivery.job_id, attempt=delivery.attempt,
+                 channel=job.channel if job else None)  # fmt: skip
+        channel_name = job.channel if job else None
+        try:
+            if channel_name:
+                await self._listen_for_cancel(channel_name)
+            control = self.running[delivery.job_id].control
+            await self.runner.run(delivery, control)
+        except Exception as exc:  # the runner handles its own failures; this is a bug guard
+            log.exception("job.crashed", error=str(exc))
+        finally:
+            if channel_name:
+                await self._stop_listening(channel_name)
+
+    def _finished(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        self._slot_freed.set()
+        self._set_in_flight()
+
+    def _set_in_flight(self) -> None:
+        if self.presence is not None:
+            self.presence.set_in_flight(len(self.running))
+
+    # -- cancellation -------------------------------------------------------------------
+
+    async def _listen_for_cancel(self, channel_name: str) -> None:
+        """Subscribe to `cancel` on a job's channel, once however many jobs share it."""
+        if channel_name not in self._listening:
+
+            def listener(message: Any, channel_name: str = channel_name) -> None:
+                self._on_cancel(channel_name, message)  # the SDK wants a plain function
+
+            self._listening[channel_name] = (1, listener)
+            await self.ably.channels.get(channel_name).subscribe(contract.CANCEL, listener)
+        else:
+            count, known = self._listening[channel_name]
+            self._listening[channel_name] = (count + 1, known)
+
+    async def _stop_listening(self, channel_name: str) -> None:
+        count, listener = self._listening[channel_name]
+        if count > 1:
+            self._listening[channel_name] = (count - 1, listener)
+            return
+        del self._listening[channel_name]
+        with contextlib.suppress(Exception):
+            self.ably.channels.get(channel_name).unsubscribe(contract.CANCEL, listener)
+
+    def _on_cancel(self, channel_name: str, message: Any) -> None:
+        response_id = contract.cancel_target(message)
+        running = self.running.get(response_id or "")
+        job = running.delivery.job if running else None
+        if running is None or job is None or job.channel != channel_name:
+            return  # not ours, or a cancel on another channel naming our job: ignored
+        log.info("job.cancel_requested", job_id=response_id, by=getattr(message, "client_id", None))
+        self._stop_job(running, StopReason.USER_CANCEL)
+
+    @staticmethod
+    def _stop_job(running: Running, reason: StopReason) -> None:
+        if running.control.finishing:
+            return  # already closing its message: let it finish as it is
+        running.control.reason = reason
+        running.task.cancel()
+
+    # -- draining -----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        in_flight = list(self.running.values())
+        log.info("worker.draining", in_flight=len(in_flight), grace_s=self.options.grace_s)
+        if not in_flight:
+            return
+        _, late = await asyncio.wait([r.task for r in in_flight], timeout=self.options.grace_s)
+        for running in in_flight:
+            if running.task in late:
+                self._stop_job(running, StopReason.SHUTDOWN)
+        if late:
+            # Closing a message and requeueing takes a round trip or two; bounded anyway.
+            await asyncio.wait(late, timeout=5.0)
+        log.info("worker.drained", finished=len(in_flight) - len(late), interrupted=len(late))
+
+    async def _leave(self) -> None:
+        if self.presence is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.presence.leave(), 5.0)
+        with contextlib.suppress(Exception):
+            await self.queue.leave()
+        log.info("worker.stopped", uptime_s=round(time.monotonic() - self.started, 1))
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("worker.housekeeping_failed", step=step.__name__, error=str(exc))
+
+    def _heartbeat_info(self) -> dict[str, Any]:
+        return {"worker_id": self.options.worker_id, "capacity": self.options.concurrency,
+                "in_flight": len(self.running), "version": __version__}  # fmt: skip
+
+    async def _heartbeat(self) -> None:
+        await self.queue.heartbeat(self._heartbeat_info())
+
+    async def _reclaim(self) -> None:
+        free = self.options.concurrency - len(self.running)
+        if free <= 0:
+            return
+        for delivery in await self.queue.reclaim(count=free):
+            log.warning("job.reclaimed", job_id=delivery.job_id, attempt=delivery.attempt)
+            self._start(delivery)
+
+    async def _promote(self) -> None:
+        await self.queue.promote_due()
+
+    async def _stats(self) -> None:
+        stats = await self.queue.stats()
+        log.info("worker.stats", in_flight=len(self.running), waiting=stats.waiting,
+                 pending=stats.pending, delayed=stats.delayed, dead=stats.dead,
+                 live_workers=len(stats.workers), lag_s=stats.oldest_waiting_age_s)  # fmt: skip
+
+    async def _enter_presence(self) -> None:
+        channel = self.ably.channels.get(self.options.presence_channel)
+        self.presence = AgentPresence(channel, self.options.worker_id, self.options.concurrency)
+        try:
+            await self.presence.enter()
+        except Exception as exc:  # the worker still works without presence
+            log.warning("worker.presence_failed", error=str(exc))

@@ -1,0 +1,111 @@
+"""The wire contract on a conversation channel: message names, actions and headers.
+
+Every channel message the worker sends is shaped here and nowhere else, so a second
+contract (Ably's AI Transport SDK: `extras.ai`) can join this one without touching the
+streaming code. The table is in the README for front-end developers.
+
+| what | name | action | data | `extras.headers` |
+| --- | --- | --- | --- | --- |
+| response starts | `response` | create | `""` | responseId, status=streaming, model, metadata |
+| each delta | `response` | append | delta | the same headers, all of them |
+| response ends | `response` | update | full text | status: complete, cancelled, failed... |
+| user cancels | `cancel` | create | anything | responseId |
+| user asks | `prompt` | create | prompt text | optional model, pattern |
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ably.types.message import Message
+
+RESPONSE = "response"
+CANCEL = "cancel"
+PROMPT = "prompt"
+# Message per token: start, token..., stop, correlated by the responseId header.
+TOKEN_START, TOKEN, TOKEN_STOP = "start", "token", "stop"
+
+MAX_ERROR_CHARS = 500  # an error header stays small: headers share the 64 KiB message
+
+
+class Status(enum.StrEnum):
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # the worker stopped; a retry reopens this same message
+
+
+@dataclass(frozen=True)
+class Headers:
+    """The headers every message of one response carries (Ably replaces extras on an
+    append rather than merging them, so each append resends all of them)."""
+
+    response_id: str
+    model: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    status: Status = Status.STREAMING
+    error: str | None = None
+
+    def with_status(self, status: Status, error: str | None = None) -> Headers:
+        return replace(self, status=status, error=(error or "")[:MAX_ERROR_CHARS] or None)
+
+    def extras(self) -> dict[str, Any]:
+        headers: dict[str, str] = {**self.metadata}
+        headers.update(responseId=self.response_id, status=str(self.status), model=self.model)
+        if self.error:
+            headers["error"] = self.error
+        return {"headers": headers}
+
+
+# -- message per response --------------------------------------------------------------
+
+
+def response_create(headers: Headers) -> Message:
+    return Message(name=RESPONSE, data="", extras=headers.extras())
+
+
+def response_append(serial: str, delta: str, headers: Headers) -> Message:
+    return Message(name=RESPONSE, serial=serial, data=delta, extras=headers.extras())
+
+
+def response_replace(serial: str, text: str, headers: Headers) -> Message:
+    """An update carrying the whole text: a retry's reset, a repair, or a closing update."""
+    return Message(name=RESPONSE, serial=serial, data=text, extras=headers.extras())
+
+
+def response_close(serial: str, headers: Headers) -> Message:
+    """An update of the headers alone: the text stays as the appends built it."""
+    return Message(name=RESPONSE, serial=serial, extras=headers.extras())
+
+
+# -- message per token -----------------------------------------------------------------
+
+
+def token_start(headers: Headers) -> Message:
+    return Message(name=TOKEN_START, data="", extras=headers.extras())
+
+
+def token(delta: str, headers: Headers) -> Message:
+    return Message(name=TOKEN, data=delta, extras={"headers": {"responseId": headers.response_id}})
+
+
+def token_stop(text: str, headers: Headers) -> Message:
+    """`stop` carries the whole text, so a client that missed a token still converges."""
+    return Message(name=TOKEN_STOP, data=text, extras=headers.extras())
+
+
+# -- reading what users send -----------------------------------------------------------
+
+
+def header(message: Any, name: str) -> str | None:
+    extras = getattr(message, "extras", None) or {}
+    value = (extras.get("headers") or {}).get(name) if isinstance(extras, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def cancel_target(message: Any) -> str | None:
+    """The responseId a `cancel` message asks to stop, or None if it is not one."""
+    return header(message, "responseId") if getattr(message, "name", None) == CANCEL else None

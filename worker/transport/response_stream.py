@@ -1,0 +1,70 @@
+"""Message per response: one growing channel message per answer.
+
+The rhythm (DESIGN.md): publish a `message.create` and keep its serial; send each delta
+with `append_message` as its own task, not awaited one by one (the SDK assigns msgSerial
+synchronously, so tasks created in order go out in order, and Ably rolls the acks up);
+at the end await them all together, then one closing update carries the final status
+and the full text, so a client that missed a fragment converges too. (Not a closing
+append with empty data: Sockudo refuses those.) An answer too long to resend whole inside
+Ably's 64 KiB message limit is closed with an update of its headers alone, which leaves
+the text as the appends built it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from worker.transport import contract
+from worker.transport.contract import Headers, Status
+
+# Room for the headers and the protocol envelope inside Ably's 64 KiB message limit.
+MAX_RESEND_BYTES = 60_000
+
+
+class ResponseStream:
+    def __init__(self, channel: Any, headers: Headers) -> None:
+        self.channel = channel
+        self.headers = headers
+        self.serial: str | None = None
+        self.text = ""
+        self.appends = 0
+        self._pending: list[asyncio.Task[Any]] = []
+
+    async def open(self, serial: str | None = None) -> str:
+        """Start the message, or reopen the one an earlier attempt started (emptied, so the
+        retry's text replaces the old one rather than following it)."""
+        if serial:
+            await self.channel.update_message(contract.response_replace(serial, "", self.headers))
+            self.serial = serial
+        else:
+            result = await self.channel.publish(contract.response_create(self.headers))
+            self.serial = str(result.serials[0])
+        return self.serial
+
+    def append(self, delta: str) -> None:
+        """Queue one delta; returns at once (the send happens in its own task)."""
+        if not delta or self.serial is None:
+            return
+        self.text += delta
+        self.appends += 1
+        message = contract.response_append(self.serial, delta, self.headers)
+        self._pending.append(asyncio.create_task(self.channel.append_message(message)))
+
+    async def flush(self) -> list[BaseException]:
+        """Wait for every queued append; returns the failures (empty when all landed)."""
+        pending, self._pending = self._pending, []
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        return [r for r in results if isinstance(r, BaseException)]
+
+    async def close(self, status: Status, error: str | None = None) -> int:
+        """Flush the appends, then mark the end with the full text. Returns failed appends."""
+        assert self.serial is not None, "close() before open()"
+        failures = await self.flush()
+        self.headers = self.headers.with_status(status, error)
+        if len(self.text.encode()) <= MAX_RESEND_BYTES:
+            closing = contract.response_replace(self.serial, self.text, self.headers)
+        else:
+            closing = contract.response_close(self.serial, self.headers)
+        await self.channel.update_message(closing)
+        return len(failures)
