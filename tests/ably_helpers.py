@@ -32,12 +32,31 @@ class TextView:
     texts: dict[str, str] = field(default_factory=dict)
     actions: list[tuple[str, MessageAction]] = field(default_factory=list)
     messages: list[Any] = field(default_factory=list)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # latest, per serial
+    statuses: dict[str, list[str]] = field(default_factory=dict)  # each status seen, in order
 
     def on_message(self, message: Any) -> None:
         self.messages.append(message)
         serial, action, data = message.serial, message.action, message.data or ""
         self.actions.append((serial, action))
+        headers = (message.extras or {}).get("headers") or {}
+        if headers:
+            self.headers[serial] = headers
+            seen = self.statuses.setdefault(serial, [])
+            if headers.get("status") and (not seen or seen[-1] != headers["status"]):
+                seen.append(headers["status"])
         if action == MessageAction.MESSAGE_APPEND:
             self.texts[serial] = self.texts.get(serial, "") + data
         else:
             self.texts[serial] = data
+
+    def by_response(self, response_id: str) -> str | None:
+        """The serial of the message whose headers name `response_id`."""
+        for serial, headers in self.headers.items():
+            if headers.get("responseId") == response_id:
+                return serial
+        return None
+
+    def status(self, response_id: str) -> str | None:
+        serial = self.by_response(response_id)
+        return self.headers[serial].get("status") if serial else None

@@ -55,8 +55,11 @@ async def wait_connected(ably: Any, timeout_s: float = ABLY_CONNECT_TIMEOUT_S) -
     try:
         async with asyncio.timeout(timeout_s):
             while ably.connection.state != "connected":
-                if ably.connection.state == "failed":
-                    reason = ably.connection.error_reason
+                reason = ably.connection.error_reason
+                # A refused key leaves the SDK retrying (disconnected, 80019 with status
+                # 401) rather than failed; either way it will not connect by itself.
+                refused = getattr(reason, "status_code", 0) in (401, 403)
+                if ably.connection.state == "failed" or refused:
                     raise StartupError(
                         f"Ably refused the connection: {reason} (check ABLY_API_KEY)"
                     )
@@ -80,15 +83,19 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True
+) -> None:
     """Run the worker until `stop` is set (or a signal arrives), then drain and return."""
     stop = stop or asyncio.Event()
-    install_signal_handlers(stop)
+    if handle_signals:
+        install_signal_handlers(stop)
     queue = RedisStreamsQueue(
         connect_redis(settings.redis_url),
         prefix=settings.queue_prefix,
         consumer=consumer_name(settings.worker_id),
         max_attempts=settings.job_max_attempts,
+        heartbeat_ttl_s=settings.job_visibility_timeout_seconds,
     )
     ably = make_ably(settings)
     model = Model(
@@ -105,6 +112,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             worker_id=settings.worker_id,
             grace_s=settings.shutdown_grace_seconds,
             presence_channel=settings.presence_channel,
+            heartbeat_interval_s=settings.job_visibility_timeout_seconds / 3,
+            reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
         )
         await Worker(queue, runner, ably, options).run(stop)
     finally:

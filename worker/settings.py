@@ -80,6 +80,8 @@ class Settings(RedisSettings, AblySettings):
     shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     job_timeout_seconds: float = Field(default=300.0, gt=0)
+    # A dead worker's jobs go to another once its heartbeat is this old.
+    job_visibility_timeout_seconds: int = Field(default=30, ge=2, le=3600)
     append_rollup_window_ms: int = Field(default=40, ge=0, le=500)
     presence_channel: str = Field(default="agents", min_length=1)
 

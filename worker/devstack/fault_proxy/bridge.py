@@ -171,20 +171,14 @@ class Bridge:
             error = rate_limit_nack(item.msg_serial)["error"]
             self._serials.resolve(item.msg_serial, Outcome(False, error=error))
             return await self._send_replies()
-        message = None
-        if self._serials is not None or self.counter.ably_connection_id is None:
-            message = decode(item)
-        if message is not None and message.get("action") == CONNECTED:
+        # Server frames are read only when needed: CONNECTED, and ACK/NACK when enforcing.
+        if self._serials is None and self.counter.ably_connection_id is not None:
+            return await _send(self.client, item)
+        message = decode(item) or {}
+        action = message.get("action")
+        if action == CONNECTED:
             self._on_connected(message)
-        if (
-            message is not None
-            and self._serials is not None
-            and message.get("action")
-            in (
-                ACK,
-                NACK,
-            )
-        ):
+        elif action in (ACK, NACK) and self._serials is not None:
             self._serials.on_server_reply(message)
             return await self._send_replies()
         return await _send(self.client, item)

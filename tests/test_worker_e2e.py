@@ -1,0 +1,248 @@
+"""The worker end to end: Redis jobs in, streamed answers on Ably out, real services only.
+
+Each test enqueues jobs, runs the real worker, and checks what a user sees: what a live
+subscriber renders, what a late joiner and history get, what is left in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from ably.types.message import Message
+from ably.types.presence import PresenceAction
+
+from tests.ably_helpers import wait_for
+from tests.worker_harness import Stack, running_worker, subscriber
+from worker.devstack.openai_local import answer_text
+from worker.jobs import Job
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def stack(
+    local_redis: Any, local_ably: Any, openai_local: Any, queue_prefix: str
+) -> AsyncIterator[Stack]:
+    yield Stack(local_redis, local_ably, openai_local, queue_prefix)
+
+
+def prompt(label: str) -> str:
+    """A prompt unique to this run: the local model's failure counters key on it."""
+    return f"{label} {uuid.uuid4().hex[:8]}"
+
+
+def new_job(channel: str, text: str, **fields: Any) -> Job:
+    return Job(channel=channel, input=text, **fields)
+
+
+async def test_n_jobs_give_n_messages_with_the_model_text_live_rewound_and_in_history(
+    stack: Stack, channel_name: str
+) -> None:
+    jobs = [
+        new_job(channel_name, prompt(f"question {i}"), metadata={"user": f"u{i}"}) for i in range(5)
+    ]
+    expected = {job.id: answer_text(str(job.input)) for job in jobs}
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(*jobs)
+        for job in jobs:
+            await stack.wait_state(job.id, "completed")
+        await wait_for(
+            lambda: all(live.status(j) == "complete" for j in expected), what="all closed"
+        )
+
+    for job_id, text in expected.items():
+        serial = live.by_response(job_id)
+        assert serial is not None and live.texts[serial] == text
+        assert live.statuses[serial] == ["streaming", "complete"]
+        headers = live.headers[serial]
+        assert headers["model"] == "local" and headers["user"].startswith("u")
+
+    history = await stack.history(channel_name)
+    assert len(history) == 5  # one message per job, not one per delta
+    assert {m.extras["headers"]["responseId"]: m.data for m in history} == expected
+    late = await stack.rewound(channel_name, 5)
+    assert sorted(late.texts.values()) == sorted(expected.values())
+
+    record = await stack.status(jobs[0].id)
+    assert record["attempts"] == "1" and record["response_serial"] == live.by_response(jobs[0].id)
+    assert int(record["output_tokens"]) > 10 and "ttft_ms" in record
+
+
+async def test_a_retry_reuses_the_message_and_replaces_its_text(
+    stack: Stack, channel_name: str
+) -> None:
+    """The model breaks off mid-answer once; the retry reopens the same channel message."""
+    text = prompt("flaky")
+    job = new_job(channel_name, text, metadata={"local_fail": "break", "local_fail_times": "1"})
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        record = await stack.wait_state(job.id, "completed")
+        await wait_for(lambda: live.status(job.id) == "complete", what="closed")
+
+    serial = live.by_response(job.id)
+    assert serial is not None
+    assert live.texts[serial] == answer_text(text)
+    assert live.statuses[serial] == ["streaming", "interrupted", "streaming", "complete"]
+    assert record["attempts"] == "2"
+    history = await stack.history(channel_name)
+    assert [(m.serial, m.data) for m in history] == [(serial, answer_text(text))]
+
+
+async def test_a_model_that_keeps_failing_closes_the_message_failed_and_dead_letters(
+    stack: Stack, channel_name: str
+) -> None:
+    job = new_job(channel_name, prompt("always 500"), metadata={"local_fail": "500"})
+    settings = stack.settings(job_max_attempts=2)
+    async with subscriber(stack, channel_name) as live, running_worker(settings):
+        await stack.enqueue(job)
+        record = await stack.wait_state(job.id, "dead", timeout=30)
+        await wait_for(lambda: live.status(job.id) == "failed", what="failed status")
+
+    assert record["attempts"] == "2" and "HTTP 500" in record["error"]
+    serial = live.by_response(job.id)
+    assert serial is not None and "HTTP 500" in live.headers[serial]["error"]
+    assert len(await stack.history(channel_name)) == 1
+    queue = stack.queue()
+    try:
+        [letter] = await queue.dead_letters()
+        stats = await queue.stats()
+    finally:
+        await queue.redis.aclose()
+    assert letter["job_id"] == job.id and "HTTP 500" in letter["error"]
+    assert (stats.pending, stats.waiting, stats.delayed, stats.dead) == (0, 0, 0, 1)
+
+
+async def test_a_refused_model_key_fails_at_once_without_retrying(
+    stack: Stack, channel_name: str
+) -> None:
+    job = new_job(channel_name, prompt("wrong key"), metadata={"local_fail": "401"})
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        record = await stack.wait_state(job.id, "dead")
+        await wait_for(lambda: live.status(job.id) == "failed", what="failed status")
+    assert record["attempts"] == "1" and "401" in record["error"]
+
+
+async def test_a_malformed_job_goes_to_the_dead_letters_with_its_reason(
+    stack: Stack, channel_name: str
+) -> None:
+    queue = stack.queue()
+    async with running_worker(stack.settings()):
+        await queue.ensure_group()
+        await queue.redis.xadd(
+            queue.stream, {"job": json.dumps({"id": "poison-1", "input": "no channel"})}
+        )
+        await queue.redis.xadd(queue.stream, {"job": "{not json"})
+        good = new_job(channel_name, prompt("after the poison"))
+        await queue.enqueue(good)
+        await stack.wait_state(good.id, "completed")  # the worker lives on
+        await wait_for(lambda: True)
+        letters = await queue.dead_letters()
+    await queue.redis.aclose()
+    reasons = {d["job_id"]: d["error"] for d in letters}
+    assert "channel" in reasons["poison-1"] and "Field required" in reasons["poison-1"]
+    assert any("not valid JSON" in r for r in reasons.values())
+
+
+async def test_a_user_cancel_stops_the_answer_and_closes_it_cancelled(
+    stack: Stack, channel_name: str
+) -> None:
+    text = prompt("long answer")
+    job = new_job(
+        channel_name, text, metadata={"local_tokens": "2000", "local_tokens_per_second": "50"}
+    )
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        await wait_for(
+            lambda: len(live.texts.get(live.by_response(job.id) or "", "")) > 20, what="text"
+        )
+        user = stack.realtime(client_id="user-1")
+        try:
+            cancel = Message(name="cancel", data="stop", extras={"headers": {"responseId": job.id}})
+            await user.channels.get(channel_name).publish(cancel)
+            record = await stack.wait_state(job.id, "cancelled")
+            await wait_for(lambda: live.status(job.id) == "cancelled", what="cancelled status")
+        finally:
+            await user.close()
+    serial = live.by_response(job.id)
+    assert serial is not None
+    assert 0 < len(live.texts[serial]) < len(answer_text(text, tokens=2000))
+    assert answer_text(text, tokens=2000).startswith(live.texts[serial])
+    assert record["state"] == "cancelled"
+
+
+async def test_message_per_token_publishes_start_tokens_and_stop(
+    stack: Stack, channel_name: str
+) -> None:
+    text = prompt("token pattern")
+    job = new_job(channel_name, text, pattern="message-per-token")
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        await stack.wait_state(job.id, "completed")
+        await wait_for(lambda: any(m.name == "stop" for m in live.messages), what="stop")
+    names = [m.name for m in live.messages]
+    assert names[0] == "start" and names[-1] == "stop" and names.count("token") > 10
+    tokens = "".join(m.data for m in live.messages if m.name == "token")
+    assert tokens == answer_text(text) == live.messages[-1].data
+    assert {m.extras["headers"]["responseId"] for m in live.messages} == {job.id}
+    assert live.messages[-1].extras["headers"]["status"] == "complete"
+
+
+async def test_presence_shows_the_worker_while_it_runs_and_not_after(stack: Stack) -> None:
+    settings = stack.settings(worker_concurrency=7)
+    watcher = stack.realtime()
+    events: list[tuple[int, str, Any]] = []
+    try:
+        channel = watcher.channels.get(settings.presence_channel)
+        await channel.presence.subscribe(lambda m: events.append((m.action, m.client_id, m.data)))
+        async with running_worker(settings):
+            await wait_for(lambda: any(e[0] == PresenceAction.ENTER for e in events), what="enter")
+            [member] = await channel.presence.get()
+            assert member.client_id == settings.worker_id
+            assert member.data["capacity"] == 7 and member.data["inFlight"] == 0
+        await wait_for(lambda: any(e[0] == PresenceAction.LEAVE for e in events), what="leave")
+        assert await channel.presence.get() == []
+    finally:
+        await watcher.close()
+
+
+async def test_chat_completions_mode_streams_the_same_answer(
+    stack: Stack, channel_name: str
+) -> None:
+    job = new_job(channel_name, prompt("chat api"))
+    async with (
+        subscriber(stack, channel_name) as live,
+        running_worker(stack.settings(openai_api="chat")),
+    ):
+        await stack.enqueue(job)
+        await stack.wait_state(job.id, "completed")
+        await wait_for(lambda: live.status(job.id) == "complete", what="closed")
+    serial = live.by_response(job.id)
+    assert serial is not None and live.texts[serial] == answer_text(str(job.input))
+
+
+async def test_a_job_over_its_timeout_is_closed_and_retried(
+    stack: Stack, channel_name: str
+) -> None:
+    job = new_job(channel_name, prompt("slow"), metadata={"local_first_token_ms": "3000"})
+    settings = stack.settings(job_timeout_seconds=0.5, job_max_attempts=1)
+    async with subscriber(stack, channel_name) as live, running_worker(settings):
+        await stack.enqueue(job)
+        record = await stack.wait_state(job.id, "dead")
+        await wait_for(lambda: live.status(job.id) == "failed", what="failed status")
+    assert "timed out" in record["error"]
+
+
+async def test_concurrency_runs_jobs_side_by_side(stack: Stack, channel_name: str) -> None:
+    jobs = [new_job(channel_name, prompt(f"parallel {i}"), metadata={"local_tokens_per_second": "200"})
+            for i in range(6)]  # fmt: skip
+    async with running_worker(stack.settings(worker_concurrency=6)):
+        await stack.enqueue(*jobs)
+        records = [await stack.wait_state(job.id, "completed") for job in jobs]
+    # Every job started before any finished: six at once on one connection.
+    assert max(int(r["started_at"]) for r in records) < min(int(r["finished_at"]) for r in records)
