@@ -6,7 +6,6 @@ subscriber renders, what a late joiner and history get, what is left in Redis.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -239,8 +238,8 @@ async def test_a_job_over_its_timeout_is_closed_and_retried(
 
 
 async def test_concurrency_runs_jobs_side_by_side(stack: Stack, channel_name: str) -> None:
-    jobs = [new_job(channel_name, prompt(f"parallel {i}"), metadata={"local_tokens_per_second": "200"})
-            for i in range(6)]  # fmt: skip
+    pace = {"local_tokens_per_second": "200"}
+    jobs = [new_job(channel_name, prompt(f"parallel {i}"), metadata=pace) for i in range(6)]
     async with running_worker(stack.settings(worker_concurrency=6)):
         await stack.enqueue(*jobs)
         records = [await stack.wait_state(job.id, "completed") for job in jobs]
