@@ -69,8 +69,10 @@ async def test_sigterm_mid_stream_drains_interrupts_and_the_successor_finishes(
     assert len(await stack.history(channel_name)) == 1
 
     names = [e["event"] for e in log_events(stderr)]
-    expected_events = ["worker.started", "job.received", "job.first_token", "worker.signal",
-                       "worker.draining", "job.interrupted", "worker.drained", "worker.stopped"]  # fmt: skip
+    expected_events = [
+        "worker.started", "job.received", "job.first_token", "worker.signal",
+        "worker.draining", "job.interrupted", "worker.drained", "worker.stopped",
+    ]  # fmt: skip
     for expected in expected_events:
         assert expected in names, f"{expected} missing from {names}"
     assert (
