@@ -6,6 +6,8 @@ correction and the test.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -60,3 +62,38 @@ def test_sdk_decoder_still_rejects_a_null_encoding() -> None:
     from ably.types.message import Message
 
     assert Message.from_encoded({"data": "text", "encoding": None}).data == "text"
+
+
+async def test_python_booleans_in_transport_params_are_still_refused(local_ably: LocalAbly) -> None:
+    """The SDK sends `str(True)`; Sockudo answers HTTP 400. The factory sends `true`."""
+    from ably import AblyRealtime
+
+    from worker.transport.client import Endpoint
+
+    raw = AblyRealtime(
+        key=local_ably.key, use_token_auth=True, transport_params={"echo": True},
+        **Endpoint.parse(local_ably.endpoint).client_options(),
+    )  # fmt: skip
+    ours = realtime_client(local_ably.key, local_ably.endpoint, transport_params={"echo": True})
+    try:
+        await ours.connection.once_async("connected")
+        await asyncio.sleep(0.5)
+        assert raw.connection.state != "connected"
+        assert raw.connection.error_reason is not None and "400" in str(raw.connection.error_reason)
+    finally:
+        await ours.close()
+        with contextlib.suppress(Exception):
+            await raw.close()
+
+
+async def test_realtime_token_requests_carry_the_configured_client_id(
+    local_ably: LocalAbly,
+) -> None:
+    """Without `default_token_params`, ably-python's realtime client signs token requests
+    without its clientId and then refuses its own token (40102)."""
+    client = realtime_client(local_ably.key, local_ably.endpoint, client_id="agent-7")
+    try:
+        await asyncio.wait_for(client.connection.once_async("connected"), 5)
+        assert client.auth.client_id == "agent-7"
+    finally:
+        await client.close()

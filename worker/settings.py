@@ -88,6 +88,16 @@ class Settings(RedisSettings, AblySettings):
     log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _empty_is_openai(cls, value: object) -> object:
+        return value or None  # OPENAI_BASE_URL= (empty) means OpenAI itself
+
+    @field_validator("worker_id", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return value or default_worker_id()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
