@@ -245,3 +245,39 @@ async def test_concurrency_runs_jobs_side_by_side(stack: Stack, channel_name: st
         records = [await stack.wait_state(job.id, "completed") for job in jobs]
     # Every job started before any finished: six at once on one connection.
     assert max(int(r["started_at"]) for r in records) < min(int(r["finished_at"]) for r in records)
+
+
+async def test_rate_limits_before_the_first_token_are_retried_within_the_attempt(
+    stack: Stack, channel_name: str
+) -> None:
+    """429 twice, honouring Retry-After, then the answer: one attempt, one message."""
+    text = prompt("rate limited")
+    meta = {"local_fail": "429", "local_fail_times": "2", "local_retry_after": "0.05"}
+    job = new_job(channel_name, text, metadata=meta)
+    async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        record = await stack.wait_state(job.id, "completed")
+        await wait_for(lambda: live.status(job.id) == "complete", what="closed")
+    assert record["attempts"] == "1"
+    assert stack.openai.attempts(text) == 3  # two refusals, then the stream
+    serial = live.by_response(job.id)
+    assert serial is not None and live.texts[serial] == answer_text(text)
+    assert live.statuses[serial] == ["streaming", "complete"]
+
+
+async def test_presence_data_follows_the_load(stack: Stack, channel_name: str) -> None:
+    settings = stack.settings(worker_concurrency=3)
+    job = new_job(channel_name, prompt("busy"), metadata={"local_tokens_per_second": "40"})
+    watcher = stack.realtime()
+    try:
+        channel = watcher.channels.get(settings.presence_channel)
+        loads: list[int] = []
+        await channel.presence.subscribe(lambda m: loads.append(m.data["inFlight"]))
+        async with running_worker(settings):
+            await wait_for(lambda: loads == [0], what="enter with no load")
+            await stack.enqueue(job)
+            await wait_for(lambda: 1 in loads, what="in-flight 1")
+            await stack.wait_state(job.id, "completed")
+            await wait_for(lambda: loads[-1] == 0, what="back to 0")
+    finally:
+        await watcher.close()
