@@ -220,3 +220,18 @@ async def test_jobs_survive_a_redis_restart(local_redis: LocalRedis, make_queue:
     await local_redis.restart()  # SIGKILL, then start on the same data directory
     [delivery] = await queue.take(1, 100)
     assert delivery.job_id == "durable"
+
+
+async def test_own_entries_no_task_runs_are_taken_back(make_queue: Any) -> None:
+    """A job whose task lost Redis while finishing stays pending under a live worker;
+    `orphans` hands it back to that worker instead of leaving it stuck."""
+    queue = make_queue("w")
+    await queue.ensure_group()
+    await queue.heartbeat({})
+    await queue.enqueue(job("stuck"))
+    await queue.enqueue(job("busy"))
+    stuck, busy = await queue.take(2, 100)
+    assert await queue.reclaim() == []  # our heartbeat is live: nobody else may take them
+    [again] = await queue.orphans(running={busy.entry_id})
+    assert (again.job_id, again.attempt, again.entry_id) == ("stuck", 2, stuck.entry_id)
+    assert await queue.orphans(running={busy.entry_id, again.entry_id}) == []

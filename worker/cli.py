@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -18,9 +19,23 @@ dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter stream.")
 app.add_typer(dlq_app, name="dlq")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+T = TypeVar("T")
+
+
+def _on_redis(work: Coroutine[Any, Any, T]) -> T:
+    """Run a Redis command's coroutine; an unreachable Redis is one line, not a traceback."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        return asyncio.run(work)
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        _fail(f"cannot reach Redis: {exc} (check REDIS_URL)", 1)
 
 
 def _settings(kind: type[Any]) -> Any:
@@ -71,7 +86,7 @@ def enqueue(
     except JobError as exc:
         _fail(str(exc))
     settings: RedisSettings = _settings(RedisSettings)
-    job_id, new = asyncio.run(
+    job_id, new = _on_redis(
         enqueue_job(job, redis_url=settings.redis_url, queue_prefix=settings.queue_prefix)
     )
     typer.echo(job_id if new else f"{job_id} (already enqueued: nothing changed)")
@@ -87,7 +102,12 @@ def _job_fields(
     json_file: str | None,
 ) -> str | dict[str, Any]:
     if json_file is not None:
-        return sys.stdin.read() if json_file == "-" else Path(json_file).read_text()
+        if json_file == "-":
+            return sys.stdin.read()
+        try:
+            return Path(json_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read the job file {json_file}: {getattr(exc, 'strerror', exc)}")
     if not channel or not prompt:
         _fail("give --channel and a PROMPT, or --json FILE")
     pairs = [m.partition("=") for m in metadata or []]
@@ -117,7 +137,7 @@ def status(job_id: Annotated[str | None, typer.Argument(help="A job id.")] = Non
         finally:
             await queue.redis.aclose()
 
-    result = asyncio.run(read())
+    result = _on_redis(read())
     if result is None:
         _fail(f"no job {job_id!r}", 1)
     if job_id and "payload" in result:
@@ -162,7 +182,7 @@ def _on_queue(action: Any) -> Any:
         finally:
             await queue.redis.aclose()
 
-    return asyncio.run(go())
+    return _on_redis(go())
 
 
 @app.command()

@@ -245,7 +245,9 @@ class Worker:
         free = self.options.concurrency - len(self.running)
         if free <= 0:
             return
-        for delivery in await self.queue.reclaim(count=free):
+        running = {r.delivery.entry_id for r in self.running.values()}
+        orphans = await self.queue.orphans(running, count=free)
+        for delivery in orphans + await self.queue.reclaim(count=free - len(orphans)):
             log.warning("job.reclaimed", job_id=delivery.job_id, attempt=delivery.attempt)
             self._start(delivery)
 

@@ -33,23 +33,39 @@ class Answer:
 
 
 class Transcript:
-    """Answers by message serial, built from what the channel delivers."""
+    """Answers as the channel delivers them: message per response by message serial
+    (create starts, append adds, update replaces), message per token by responseId
+    (`start` resets, `token` adds, `stop` carries the whole text and the status)."""
+
+    TOKEN_NAMES = (contract.TOKEN_START, contract.TOKEN, contract.TOKEN_STOP)
 
     def __init__(self, on_closed: Callable[[Answer], None] | None = None) -> None:
         self.answers: dict[str, Answer] = {}
         self.on_closed = on_closed
 
     def on_message(self, message: Any) -> None:
-        if message.name != contract.RESPONSE or not message.serial:
+        if message.name == contract.RESPONSE and message.serial:
+            answer = self.answers.setdefault(message.serial, Answer(response_id=message.serial))
+            if message.action == MessageAction.MESSAGE_APPEND:
+                answer.text += message.data or ""
+            elif message.data is not None:
+                answer.text = message.data
+        elif message.name in self.TOKEN_NAMES:
+            response_id = contract.header(message, "responseId")
+            if not response_id:
+                return
+            answer = self.answers.setdefault(f"token:{response_id}", Answer(response_id))
+            if message.name == contract.TOKEN_START:
+                answer.text = ""
+            elif message.name == contract.TOKEN:
+                answer.text += message.data or ""
+            elif message.data is not None:
+                answer.text = message.data
+        else:
             return
-        answer = self.answers.setdefault(message.serial, Answer(response_id=message.serial))
         headers = (message.extras or {}).get("headers") or {}
         answer.response_id = headers.get("responseId", answer.response_id)
         answer.model = headers.get("model", answer.model)
-        if message.action == MessageAction.MESSAGE_APPEND:
-            answer.text += message.data or ""
-        elif message.data is not None:
-            answer.text = message.data
         was_open = answer.status == contract.Status.STREAMING
         answer.status = headers.get("status", answer.status)
         if was_open and answer.status != contract.Status.STREAMING and self.on_closed:
@@ -71,6 +87,8 @@ async def watch_channel(
     channel = client.channels.get(channel_name, ChannelOptions(params=params))
     try:
         await channel.subscribe(transcript.on_message)
+        if not live:  # stdout carries only answers; say on stderr that they will come
+            print(f"watching {channel_name} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         if live:
             await _render_live(transcript, channel_name, until)
         else:

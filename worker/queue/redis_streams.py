@@ -175,6 +175,26 @@ class RedisStreamsQueue:
         )
         return await self._accept_all(entries, reclaimed=True)
 
+    async def orphans(self, running: set[str], count: int = 100) -> list[Delivery]:
+        """This worker's own unacknowledged entries that no task is running any more.
+
+        They arise when a job's task could not reach Redis to finish it, or when a take was
+        cancelled by a shutdown just as Redis delivered; nobody else would take them back
+        while this worker's heartbeat lives.
+        """
+        mine = await self.redis.xpending_range(
+            self.stream, GROUP, min="-", max="+", count=count + len(running),
+            consumername=self.consumer, idle=self.claim_min_idle_ms,
+        )  # fmt: skip
+        ids = [p["message_id"] for p in mine if p["message_id"] not in running][:count]
+        if not ids:
+            return []
+        # XCLAIM to ourselves resets the idle time, so one orphan is not taken twice.
+        entries = await self.redis.xclaim(
+            self.stream, GROUP, self.consumer, self.claim_min_idle_ms, ids
+        )
+        return await self._accept_all(entries, reclaimed=True)
+
     async def _accept_all(self, entries: list[Any], *, reclaimed: bool) -> list[Delivery]:
         deliveries = []
         for entry_id, fields in entries:

@@ -41,9 +41,10 @@ def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     )
 
 
-def _rollup_window_ms(query: str | None) -> float:
+def _rollup_window_ms(value: str | None) -> float:
+    """The client's `appendRollupWindow` transport parameter, or Ably's default."""
     try:
-        return float(query) if query is not None else DEFAULT_ROLLUP_WINDOW_MS
+        return float(value) if value is not None else DEFAULT_ROLLUP_WINDOW_MS
     except ValueError:
         return DEFAULT_ROLLUP_WINDOW_MS
 
