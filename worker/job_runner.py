@@ -177,7 +177,7 @@ class JobRunner:
         error: str,
         retryable: bool,
     ) -> JobState:
-        last = not retryable or delivery.attempt >= getattr(self.queue, "max_attempts", 1)
+        last = not retryable or delivery.attempt >= self.queue.max_attempts
         # A retry reopens this message: until then it says `interrupted`, not `failed`.
         await self._close(stream, Status.FAILED if last else Status.INTERRUPTED, error)
         if last:
