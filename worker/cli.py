@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -30,12 +32,15 @@ T = TypeVar("T")
 def _on_redis(work: Coroutine[Any, Any, T]) -> T:
     """Run a Redis command's coroutine; an unreachable Redis is one line, not a traceback."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     try:
         return asyncio.run(work)
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         _fail(f"cannot reach Redis: {exc} (check REDIS_URL)", 1)
+    except RedisError as exc:  # e.g. a database index the server does not have
+        _fail(f"Redis refused the command: {exc} (check REDIS_URL)", 1)
 
 
 def _settings(kind: type[Any]) -> Any:
@@ -78,18 +83,18 @@ def enqueue(
     ] = None,
 ) -> None:
     """Enqueue one job, from options or from a JSON file; prints the job id."""
-    from worker.enqueue import enqueue as enqueue_job
-
     raw = _job_fields(prompt, channel, job_id, pattern, model, metadata, json_file)
     try:
         job = parse_job(raw)
     except JobError as exc:
         _fail(str(exc))
-    settings: RedisSettings = _settings(RedisSettings)
-    job_id, new = _on_redis(
-        enqueue_job(job, redis_url=settings.redis_url, queue_prefix=settings.queue_prefix)
-    )
-    typer.echo(job_id if new else f"{job_id} (already enqueued: nothing changed)")
+
+    async def add(queue: Any) -> bool:
+        await queue.ensure_group()
+        return bool(await queue.enqueue(job))
+
+    new = _on_queue(add)
+    typer.echo(job.id if new else f"{job.id} (already enqueued: nothing changed)")
 
 
 def _job_fields(
@@ -123,29 +128,19 @@ def _job_fields(
 @app.command()
 def status(job_id: Annotated[str | None, typer.Argument(help="A job id.")] = None) -> None:
     """The queue's figures and live workers, or one job's record."""
-    from worker.app import make_queue
 
-    settings: RedisSettings = _settings(RedisSettings)
+    async def read(queue: Any) -> Any:
+        if job_id:
+            return await queue.status(job_id)
+        return dataclasses.asdict(await queue.stats())
 
-    async def read() -> Any:
-        queue = make_queue(settings)
-        try:
-            if job_id:
-                return await queue.status(job_id)
-            stats = await queue.stats()
-            return stats.__dict__
-        finally:
-            await queue.redis.aclose()
-
-    result = _on_redis(read())
+    result = _on_queue(read)
     if result is None:
         _fail(f"no job {job_id!r}", 1)
     if job_id and "payload" in result:
-        result["payload"] = (
-            json.loads(result["payload"])
-            if result["payload"].startswith("{")
-            else result["payload"]
-        )
+        # The job as JSON; a payload that never parsed (a dead-lettered one) stays a string.
+        with contextlib.suppress(ValueError):
+            result["payload"] = json.loads(result["payload"])
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
 
 
@@ -170,13 +165,21 @@ def dlq_purge() -> None:
     typer.echo(f"purged {_on_queue(lambda q: q.purge_dead())}")
 
 
-def _on_queue(action: Any) -> Any:
-    from worker.app import make_queue
+# An operator at a terminal wants an answer: three quick retries (under a second), not the
+# worker's patient backoff (connect_redis' default rides out a failover for ~12 s).
+CLI_REDIS_RETRIES = 3
+
+
+def _on_queue(action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `action(queue)` on the queue that REDIS_URL and QUEUE_PREFIX name."""
+    from worker.queue import RedisStreamsQueue
+    from worker.redis_client import connect_redis
 
     settings: RedisSettings = _settings(RedisSettings)
 
-    async def go() -> Any:
-        queue = make_queue(settings)
+    async def go() -> T:
+        redis = connect_redis(settings.redis_url, retries=CLI_REDIS_RETRIES)
+        queue = RedisStreamsQueue(redis, prefix=settings.queue_prefix, consumer="cli")
         try:
             return await action(queue)
         finally:
@@ -191,6 +194,7 @@ def watch(
     rewind: Annotated[int, typer.Option(help="Replay this many recent messages first.")] = 10,
 ) -> None:
     """Render the channel's answers live in the terminal (and the last few first)."""
+    from worker.app import StartupError
     from worker.watch import watch_channel
 
     settings: AblySettings = _settings(AblySettings)
@@ -198,6 +202,8 @@ def watch(
         asyncio.run(watch_channel(settings, channel, rewind=rewind))
     except KeyboardInterrupt:
         pass
+    except StartupError as exc:  # a refused key or no answer: say so rather than hang
+        _fail(str(exc), 1)
 
 
 @app.command()

@@ -78,7 +78,12 @@ async def watch_channel(
     *,
     rewind: int = 10,
     until: asyncio.Event | None = None,
+    connect_timeout_s: float = 15.0,
 ) -> None:
+    """Render `channel_name` until `until` is set (or forever). A refused key or an
+    endpoint that does not answer raises `StartupError` rather than waiting silently."""
+    from worker.app import wait_connected  # the worker's own check: refused key, no answer
+
     quiet_sdk_logs()
     client = realtime_client(settings.ably_api_key.get_secret_value(), settings.ably_endpoint)
     live = sys.stdout.isatty()
@@ -86,6 +91,7 @@ async def watch_channel(
     params = {"rewind": str(rewind)} if rewind > 0 else None
     channel = client.channels.get(channel_name, ChannelOptions(params=params))
     try:
+        await wait_connected(client, connect_timeout_s)
         await channel.subscribe(transcript.on_message)
         if not live:  # stdout carries only answers; say on stderr that they will come
             print(f"watching {channel_name} (Ctrl-C to stop)", file=sys.stderr, flush=True)
