@@ -281,3 +281,52 @@ async def test_presence_data_follows_the_load(stack: Stack, channel_name: str) -
             await wait_for(lambda: loads[-1] == 0, what="back to 0")
     finally:
         await watcher.close()
+
+
+async def test_appends_lost_in_a_network_black_hole_are_repaired_by_the_closing_update(
+    stack: Stack, channel_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames vanish for a while between the worker and Ably: the subscriber (connected
+    directly) misses fragments, and the closing update's whole text makes it converge."""
+    from worker.devstack.fault_proxy import FaultProxy
+    from worker.transport import acks
+
+    monkeypatch.setattr(acks, "ACK_TIMEOUT_S", 2.0)
+    text = prompt("through a black hole")
+    job = new_job(channel_name, text, metadata={"local_tokens_per_second": "60"})
+    async with FaultProxy(stack.ably.endpoint) as proxy, subscriber(stack, channel_name) as live:
+        async with running_worker(stack.settings(ably_endpoint=proxy.endpoint)):
+            await stack.enqueue(job)
+            await wait_for(
+                lambda: len(live.texts.get(live.by_response(job.id) or "", "")) > 10, what="text"
+            )
+            proxy.blackhole(1.0)
+            await stack.wait_state(job.id, "completed", timeout=40)
+            await wait_for(lambda: live.status(job.id) == "complete", 20, "closed")
+    serial = live.by_response(job.id)
+    assert serial is not None and live.texts[serial] == answer_text(text)
+    appended = "".join(m.data for m in live.messages if m.action == 5 and m.serial == serial)
+    assert appended != answer_text(text)  # fragments were lost on the way...
+    assert [m.data for m in await stack.history(channel_name)] == [
+        answer_text(text)
+    ]  # ...not the answer
+
+
+async def test_one_stream_stays_inside_ablys_rate_limits(stack: Stack, channel_name: str) -> None:
+    """Counted as Ably counts (appends to one message roll up within 40 ms), a fast answer
+    stays under 50 messages/s per connection and per channel, and none is refused."""
+    from worker.devstack.fault_proxy import FaultProxy
+
+    jobs = [new_job(channel_name, prompt(f"fast {i}"), metadata={"local_tokens_per_second": "400"})
+            for i in range(2)]  # fmt: skip
+    async with FaultProxy(stack.ably.endpoint, enforce_rate_limits=True) as proxy:
+        async with running_worker(stack.settings(ably_endpoint=proxy.endpoint)):
+            await stack.enqueue(*jobs)
+            for job in jobs:
+                await stack.wait_state(job.id, "completed")
+        stats = proxy.stats()
+    channel = stats.channels[channel_name]
+    assert channel.messages > 50  # many appends were sent...
+    assert channel.peak_counted_per_s <= 50 and channel.refused == 0  # ...within budget
+    history = await stack.history(channel_name)
+    assert sorted(m.data for m in history) == sorted(answer_text(str(j.input)) for j in jobs)

@@ -89,7 +89,7 @@ class JobRunner:
         )
         channel = self.ably.channels.get(job.channel)
         stream: ResponseStream | TokenStream = (
-            TokenStream(channel, headers)
+            TokenStream(channel, headers, delivery.attempt)
             if job.pattern == Pattern.MESSAGE_PER_TOKEN
             else ResponseStream(channel, headers)
         )
@@ -202,6 +202,6 @@ class JobRunner:
         if stream.serial is None:
             return
         try:
-            await asyncio.shield(stream.close(status, error))
+            await asyncio.shield(stream.close(status, error))  # bounded: see transport.acks
         except Exception as exc:
             log.warning("job.close_failed", status=str(status), error=str(exc))

@@ -64,7 +64,10 @@ class Headers:
 
 
 def response_create(headers: Headers) -> Message:
-    return Message(name=RESPONSE, data="", extras=headers.extras())
+    """The id makes the create idempotent: one response, one message, whoever retries."""
+    return Message(
+        name=RESPONSE, id=f"{headers.response_id}:response", data="", extras=headers.extras()
+    )
 
 
 def response_append(serial: str, delta: str, headers: Headers) -> Message:
@@ -84,8 +87,10 @@ def response_close(serial: str, headers: Headers) -> Message:
 # -- message per token -----------------------------------------------------------------
 
 
-def token_start(headers: Headers) -> Message:
-    return Message(name=TOKEN_START, data="", extras=headers.extras())
+def token_start(headers: Headers, attempt: int) -> Message:
+    """Each attempt starts afresh (clients reset on `start`); the id dedupes within one."""
+    message_id = f"{headers.response_id}:start:{attempt}"
+    return Message(name=TOKEN_START, id=message_id, data="", extras=headers.extras())
 
 
 def token(delta: str, headers: Headers) -> Message:

@@ -16,6 +16,7 @@ import asyncio
 from typing import Any
 
 from worker.transport import contract
+from worker.transport.acks import acked, settle
 from worker.transport.contract import Headers, Status
 
 # Room for the headers and the protocol envelope inside Ably's 64 KiB message limit.
@@ -35,10 +36,15 @@ class ResponseStream:
         """Start the message, or reopen the one an earlier attempt started (emptied, so the
         retry's text replaces the old one rather than following it)."""
         if serial:
-            await self.channel.update_message(contract.response_replace(serial, "", self.headers))
+            reset = contract.response_replace(serial, "", self.headers)
+            await acked(self.channel.update_message(reset), "the reopening update")
             self.serial = serial
         else:
-            result = await self.channel.publish(contract.response_create(self.headers))
+            # The create carries a fixed message id: if its ack was lost and the job runs
+            # again, Ably's idempotent publish returns the same message, not a second one.
+            result = await acked(
+                self.channel.publish(contract.response_create(self.headers)), "the create"
+            )
             self.serial = str(result.serials[0])
         return self.serial
 
@@ -54,8 +60,7 @@ class ResponseStream:
     async def flush(self) -> list[BaseException]:
         """Wait for every queued append; returns the failures (empty when all landed)."""
         pending, self._pending = self._pending, []
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        return [r for r in results if isinstance(r, BaseException)]
+        return await settle(pending)
 
     async def close(self, status: Status, error: str | None = None) -> int:
         """Flush the appends, then mark the end with the full text. Returns failed appends."""
@@ -66,5 +71,5 @@ class ResponseStream:
             closing = contract.response_replace(self.serial, self.text, self.headers)
         else:
             closing = contract.response_close(self.serial, self.headers)
-        await self.channel.update_message(closing)
+        await acked(self.channel.update_message(closing), "the closing update")
         return len(failures)

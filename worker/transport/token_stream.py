@@ -10,13 +10,15 @@ import asyncio
 from typing import Any
 
 from worker.transport import contract
+from worker.transport.acks import acked, settle
 from worker.transport.contract import Headers, Status
 
 
 class TokenStream:
-    def __init__(self, channel: Any, headers: Headers) -> None:
+    def __init__(self, channel: Any, headers: Headers, attempt: int = 1) -> None:
         self.channel = channel
         self.headers = headers
+        self.attempt = attempt
         self.serial: str | None = None
         self.text = ""
         self.appends = 0
@@ -24,7 +26,8 @@ class TokenStream:
 
     async def open(self, serial: str | None = None) -> str:
         """Publish `start`. A retry starts again (`start` tells clients to reset)."""
-        result = await self.channel.publish(contract.token_start(self.headers))
+        start = contract.token_start(self.headers, self.attempt)
+        result = await acked(self.channel.publish(start), "the start message")
         self.serial = str(result.serials[0])
         return self.serial
 
@@ -37,8 +40,8 @@ class TokenStream:
         self._pending.append(asyncio.create_task(self.channel.publish(message)))
 
     async def close(self, status: Status, error: str | None = None) -> int:
-        results = await asyncio.gather(*self._pending, return_exceptions=True)
-        self._pending = []
+        pending, self._pending = self._pending, []
+        failures = await settle(pending)
         self.headers = self.headers.with_status(status, error)
-        await self.channel.publish(contract.token_stop(self.text, self.headers))
-        return sum(isinstance(r, BaseException) for r in results)
+        await acked(self.channel.publish(contract.token_stop(self.text, self.headers)), "stop")
+        return len(failures)

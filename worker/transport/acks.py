@@ -1,0 +1,44 @@
+"""Waiting for Ably's acknowledgements, never for ever.
+
+ably-python awaits each publish until its ACK or NACK, with no timeout; a lost ACK (a
+dropped connection that does not resume, or a server that sheds control frames under
+load, as Sockudo does past 32 queued) would hang a job for good. Every wait here is
+bounded; an append that is not acknowledged in time counts as failed, and the closing
+update, which carries the whole text, repairs what subscribers missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+ACK_TIMEOUT_S = 15.0
+
+T = TypeVar("T")
+
+
+class AckTimeout(TimeoutError):
+    """Ably did not acknowledge in time."""
+
+
+async def acked(operation: Awaitable[T], what: str, timeout_s: float | None = None) -> T:
+    timeout_s = ACK_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        return await asyncio.wait_for(operation, timeout_s)
+    except TimeoutError:
+        raise AckTimeout(f"no acknowledgement from Ably for {what} in {timeout_s:g} s") from None
+
+
+async def settle(
+    tasks: list[asyncio.Task[Any]], timeout_s: float = ACK_TIMEOUT_S
+) -> list[BaseException]:
+    """Wait for un-awaited sends; returns their failures, an unanswered one as AckTimeout."""
+    if not tasks:
+        return []
+    done, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    failures: list[BaseException] = [AckTimeout("append not acknowledged") for _ in late]
+    failures.extend(e for t in done if not t.cancelled() and (e := t.exception()) is not None)
+    return failures
