@@ -68,7 +68,7 @@ async def test_python_booleans_in_transport_params_are_still_refused(local_ably:
     """The SDK sends `str(True)`; Sockudo answers HTTP 400. The factory sends `true`."""
     from ably import AblyRealtime
 
-    from worker.transport.client import Endpoint
+    from worker.transport.endpoint import Endpoint
 
     raw = AblyRealtime(
         key=local_ably.key, use_token_auth=True, transport_params={"echo": True},

@@ -197,6 +197,7 @@ async def test_dead_letters_can_be_retried_and_purged(make_queue: Any) -> None:
     assert (await queue.stats()).dead == 2
     first = (await queue.dead_letters())[0]["entry_id"]
     assert await queue.retry_dead([first]) == 1
+    assert (await queue.status("a"))["state"] == "queued"  # `worker status a` says so
     [again] = await queue.take(5, 100)
     assert (again.job_id, again.attempt) == ("a", 1)
     assert await queue.purge_dead() == 1

@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.transport.client import Endpoint
+from worker.transport.endpoint import Endpoint
 
 
 def default_worker_id() -> str:

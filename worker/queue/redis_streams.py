@@ -84,6 +84,18 @@ return entry
 """
 
 
+# Puts a dead-lettered job back: a fresh record (attempts from zero) and a new entry.
+_RETRY_DEAD = """
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'entry', entry, 'payload', ARGV[1],
+           'enqueued_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[2])
+return entry
+"""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -126,6 +138,7 @@ class RedisStreamsQueue:
         self._take = redis.register_script(_TAKE)
         self._promote = redis.register_script(_PROMOTE)
         self._requeue = redis.register_script(_REQUEUE)
+        self._retry_dead = redis.register_script(_RETRY_DEAD)
 
     def record_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -367,12 +380,9 @@ class RedisStreamsQueue:
         letters = await self.dead_letters(count=10_000)
         chosen = [d for d in letters if entry_ids is None or d["entry_id"] in entry_ids]
         for letter in chosen:
-            record = self.record_key(letter["job_id"])
-            async with self.redis.pipeline(transaction=True) as tx:
-                tx.delete(record)  # a fresh record: attempts from zero
-                tx.xdel(self.dead, letter["entry_id"])
-                await tx.execute()
-            await self.redis.xadd(self.stream, {"job": letter["job"]})
+            keys = [self.record_key(letter["job_id"]), self.stream, self.dead]
+            args: list[str | int] = [letter["job"], letter["entry_id"], now_ms(), self.record_ttl_s]
+            await self._retry_dead(keys=keys, args=args)
         return len(chosen)
 
     async def purge_dead(self) -> int:
