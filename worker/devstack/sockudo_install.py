@@ -90,7 +90,7 @@ def _build(root: Path, binary: Path) -> Path:
     _install_build_packages()
     print(
         f"sockudo: building {SOCKUDO_VERSION} --features {SOCKUDO_FEATURES} into {root} "
-        "(first time only; about 25 minutes on 2 cores)",
+        "(first time only; 12 to 18 minutes on 2 cores)",
         file=sys.stderr,
         flush=True,
     )
