@@ -236,3 +236,20 @@ async def test_own_entries_no_task_runs_are_taken_back(make_queue: Any) -> None:
     [again] = await queue.orphans(running={busy.entry_id})
     assert (again.job_id, again.attempt, again.entry_id) == ("stuck", 2, stuck.entry_id)
     assert await queue.orphans(running={busy.entry_id, again.entry_id}) == []
+
+
+async def test_rediss_with_a_self_signed_certificate_works_as_on_heroku() -> None:
+    """Heroku Redis serves TLS with a self-signed certificate: `rediss://` must connect."""
+    from worker.devstack.redis_server import LocalRedis
+
+    async with LocalRedis(tls=True) as server:
+        assert server.url.startswith("rediss://")
+        client = connect_redis(server.url)
+        try:
+            queue = RedisStreamsQueue(client, prefix="tls", consumer="w")
+            await queue.ensure_group()
+            await queue.enqueue(job("over-tls"))
+            [delivery] = await queue.take(1, 100)
+            assert delivery.job_id == "over-tls"
+        finally:
+            await client.aclose()

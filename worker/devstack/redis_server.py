@@ -17,6 +17,8 @@ from types import TracebackType
 
 import redis.asyncio as aioredis
 
+from worker.redis_client import connect_redis
+
 from worker.devstack.ports import free_port
 from worker.devstack.processes import server_process_options
 
@@ -37,21 +39,25 @@ class LocalRedis:
 
     port: int = 0
     appendonly: bool = False
+    tls: bool = False  # serve rediss:// with a self-signed certificate, as Heroku Redis does
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         if not self.port:
             self.port = free_port()
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="local-redis-")
+        listen = ["--port", str(self.port)] if not self.tls else [
+            "--port", "0", "--tls-port", str(self.port), *self._self_signed(self._dir.name),
+        ]  # fmt: skip
         args = [
             redis_server_binary(),
-            "--port", str(self.port), "--bind", "127.0.0.1",
+            *listen, "--bind", "127.0.0.1",
             "--dir", self._dir.name, "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
@@ -59,9 +65,20 @@ class LocalRedis:
         ]  # fmt: skip
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, **server_process_options())
 
+    @staticmethod
+    def _self_signed(directory: str) -> list[str]:
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
+                "--tls-auth-clients", "no"]  # fmt: skip
+
     async def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        client = aioredis.Redis.from_url(self.url)
+        client = connect_redis(self.url, retries=0)
         try:
             while True:
                 if self._proc is not None and self._proc.poll() is not None:
