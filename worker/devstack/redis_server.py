@@ -17,10 +17,9 @@ from types import TracebackType
 
 import redis.asyncio as aioredis
 
-from worker.redis_client import connect_redis
-
 from worker.devstack.ports import free_port
 from worker.devstack.processes import server_process_options
+from worker.redis_client import connect_redis
 
 
 def redis_server_binary() -> str:
