@@ -130,9 +130,10 @@ async def test_logs_are_json_lines_with_figures_and_never_a_key(
     stack: Stack, channel_name: str
 ) -> None:
     job = Job(channel=channel_name, input=f"log me {uuid.uuid4().hex[:8]}")
-    proc = await start_worker_process(stack.env(log_level="INFO"))
+    proc = await start_worker_process(stack.env(log_level="INFO", stats_interval_seconds=0.5))
     await stack.enqueue(job)
     await stack.wait_state(job.id, "completed")
+    await asyncio.sleep(1.0)  # a stats line or two
     proc.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.wait_for(proc.communicate(), 20)
     events = log_events(stderr)
@@ -140,6 +141,9 @@ async def test_logs_are_json_lines_with_figures_and_never_a_key(
     assert done["job_id"] == job.id and done["channel"] == channel_name and done["attempt"] == 1
     assert done["ttft_ms"] >= 0 and done["output_tokens"] > 10 and done["tokens_per_s"] > 0
     assert all({"timestamp", "level", "event"} <= e.keys() for e in events)
+    stats = [e for e in events if e["event"] == "worker.stats"][-1]
+    assert (stats["waiting"], stats["pending"], stats["in_flight"], stats["dead"]) == (0, 0, 0, 0)
+    assert "lag_s" in stats and stats["live_workers"] >= 1
     secret = stack.ably.key.split(":")[1]
     assert secret not in stderr.decode() and stack.openai.api_key not in stderr.decode()
 

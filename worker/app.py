@@ -114,6 +114,7 @@ async def serve(
             presence_channel=settings.presence_channel,
             heartbeat_interval_s=settings.job_visibility_timeout_seconds / 3,
             reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
+            stats_interval_s=settings.stats_interval_seconds,
         )
         await Worker(queue, runner, ably, options).run(stop)
     finally:

@@ -84,6 +84,7 @@ class Settings(RedisSettings, AblySettings):
     job_visibility_timeout_seconds: int = Field(default=30, ge=2, le=3600)
     append_rollup_window_ms: int = Field(default=40, ge=0, le=500)
     presence_channel: str = Field(default="agents", min_length=1)
+    stats_interval_seconds: float = Field(default=30.0, gt=0)  # the `worker.stats` log line
 
     log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
