@@ -69,3 +69,13 @@ async def openai_local() -> AsyncIterator[Any]:
 
     async with OpenAILocalServer(tokens_per_second=2000, first_token_ms=20) as server:
         yield server
+
+
+@pytest.fixture
+def stack(
+    local_redis: LocalRedis, local_ably: LocalAbly, openai_local: Any, queue_prefix: str
+) -> Any:
+    """The three local services and a fresh queue prefix: one end-to-end test's world."""
+    from tests.worker_harness import Stack
+
+    return Stack(local_redis, local_ably, openai_local, queue_prefix)

@@ -31,13 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def stack(
-    local_redis: Any, local_ably: Any, openai_local: Any, queue_prefix: str
-) -> AsyncIterator[Stack]:
-    yield Stack(local_redis, local_ably, openai_local, queue_prefix)
-
-
-@pytest.fixture
 async def redis(stack: Stack) -> AsyncIterator[Any]:
     """A plain client, to look at what the commands left in Redis."""
     client: Any = connect_redis(stack.redis.url)

@@ -23,6 +23,7 @@ import pytest
 from ably import AblyException
 from ably.types.message import Message
 
+from tests.ably_helpers import wait_for
 from worker.devstack.ably import LocalAbly, free_port
 from worker.devstack.fault_proxy import FaultProxy, RateLimits
 from worker.devstack.fault_proxy.counting import ConnectionCounter, RateBook
@@ -31,14 +32,6 @@ from worker.devstack.fault_proxy.serials import Outcome, SerialMap
 from worker.transport.client import realtime_client
 
 MakeClient = Callable[..., Awaitable[Any]]
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

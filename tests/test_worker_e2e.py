@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,13 +20,6 @@ from worker.devstack.openai_local import answer_text
 from worker.jobs import Job
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def stack(
-    local_redis: Any, local_ably: Any, openai_local: Any, queue_prefix: str
-) -> AsyncIterator[Stack]:
-    yield Stack(local_redis, local_ably, openai_local, queue_prefix)
 
 
 def prompt(label: str) -> str:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,13 +18,6 @@ from worker.devstack.openai_local import answer_text
 from worker.jobs import Job
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def stack(
-    local_redis: Any, local_ably: Any, openai_local: Any, queue_prefix: str
-) -> AsyncIterator[Stack]:
-    yield Stack(local_redis, local_ably, openai_local, queue_prefix)
 
 
 def log_events(stderr: bytes) -> list[dict[str, Any]]:

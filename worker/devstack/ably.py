@@ -18,14 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import aiohttp
 
 from worker.devstack.ports import free_port
-from worker.devstack.processes import server_process_options
+from worker.devstack.processes import ChildServer, server_process_options
 from worker.devstack.sockudo_install import ensure_installed
 
 DEFAULT_KEY = "dev.local:devsecret"
@@ -163,15 +162,13 @@ default_window_ms = 40
 
 
 @dataclass
-class LocalAbly:
+class LocalAbly(ChildServer):
     """Sockudo as a child process, serving Ably's REST and realtime protocol on one port."""
 
     port: int = 0
     key: str = DEFAULT_KEY
     host: str = "127.0.0.1"
     log_level: str = "warn"
-    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _workdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -199,44 +196,14 @@ class LocalAbly:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
-                if self._proc is not None and self._proc.poll() is not None:
-                    raise RuntimeError(f"sockudo exited with code {self._proc.returncode}")
+                if (code := self.exited()) is not None:
+                    raise RuntimeError(f"sockudo exited with code {code}")
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with http.get(f"{self.endpoint}/time") as resp:
                         if resp.status == 200:
                             return
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"sockudo did not answer GET {self.endpoint}/time in {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    async def __aenter__(self) -> LocalAbly:
-        self.start()
-        try:
-            await self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 async def _serve(server: LocalAbly) -> None:
@@ -250,8 +217,8 @@ async def _serve(server: LocalAbly) -> None:
         stop_task = asyncio.create_task(stop.wait())
         while not stop_task.done():
             await asyncio.wait({stop_task}, timeout=0.5)
-            if server._proc is not None and server._proc.poll() is not None:
-                raise SystemExit(f"sockudo exited with code {server._proc.returncode}")
+            if (code := server.exited()) is not None:
+                raise SystemExit(f"sockudo exited with code {code}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""How the devstack starts its servers: detached from the terminal, tied to our life.
+"""How the devstack runs its servers: detached from the terminal, tied to our life.
 
 Each server gets its own session, so a Ctrl-C meant for the worker (it drains first)
 does not stop Redis or Sockudo under it; on Linux each also gets SIGTERM if we die
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,3 +29,71 @@ def server_process_options() -> dict[str, Any]:
     if sys.platform.startswith("linux"):
         options["preexec_fn"] = _die_with_parent
     return options
+
+
+class ChildServer:
+    """A local server run as a child process: `start()`, `wait_ready()`, `stop()`, and
+    `async with` for all three. Subclasses start `self._proc` and say when it is ready;
+    a workdir, if they make one, is removed on stop."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended (it should not have), else None."""
+        return None if self._proc is None else self._proc.poll()
+
+    def kill(self) -> None:
+        """Stop the process at once (SIGKILL), keeping its workdir for a restart."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class InProcessServer:
+    """A local server on this event loop (aiohttp): `async with` runs `start`/`stop`."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -12,13 +12,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
-from types import TracebackType
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from worker.devstack.ports import free_port
-from worker.devstack.processes import server_process_options
+from worker.devstack.processes import ChildServer, server_process_options
 from worker.redis_client import connect_redis
 
 
@@ -33,14 +32,12 @@ def redis_server_binary() -> str:
 
 
 @dataclass
-class LocalRedis:
+class LocalRedis(ChildServer):
     """`async with LocalRedis() as r: r.url` — a private redis-server, stopped on exit."""
 
     port: int = 0
     appendonly: bool = False
     tls: bool = False  # serve rediss:// with a self-signed certificate, as Heroku Redis does
-    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -49,15 +46,15 @@ class LocalRedis:
     def start(self) -> None:
         if not self.port:
             self.port = free_port()
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="local-redis-")
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="local-redis-")
         listen = ["--port", str(self.port)] if not self.tls else [
-            "--port", "0", "--tls-port", str(self.port), *self._self_signed(self._dir.name),
+            "--port", "0", "--tls-port", str(self.port), *self._self_signed(self._workdir.name),
         ]  # fmt: skip
         args = [
             redis_server_binary(),
             *listen, "--bind", "127.0.0.1",
-            "--dir", self._dir.name, "--save", "",
+            "--dir", self._workdir.name, "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
             "--loglevel", "warning",
@@ -80,8 +77,8 @@ class LocalRedis:
         client = connect_redis(self.url, retries=0)
         try:
             while True:
-                if self._proc is not None and self._proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with code {self._proc.returncode}")
+                if (code := self.exited()) is not None:
+                    raise RuntimeError(f"redis-server exited with code {code}")
                 try:
                     if await client.ping():
                         return
@@ -92,44 +89,7 @@ class LocalRedis:
         finally:
             await client.aclose()
 
-    def kill(self) -> None:
-        """Stop the process at once (SIGKILL), keeping its data directory for a restart."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
-
     async def restart(self) -> None:
         self.kill()
         self.start()
         await self.wait_ready()
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
-
-    async def __aenter__(self) -> LocalRedis:
-        self.start()
-        try:
-            await self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from types import TracebackType
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +20,7 @@ from worker.devstack.fault_proxy.counting import (
 )
 from worker.devstack.fault_proxy.faults import Faults
 from worker.devstack.fault_proxy.serials import SerialMap
+from worker.devstack.processes import InProcessServer
 
 # Headers that belong to one hop (RFC 9110 7.6.1) or that aiohttp sets itself.
 _HOP_BY_HOP = frozenset(
@@ -49,7 +49,7 @@ def _rollup_window_ms(value: str | None) -> float:
         return DEFAULT_ROLLUP_WINDOW_MS
 
 
-class FaultProxy:
+class FaultProxy(InProcessServer):
     """A proxy between Ably SDKs and the server on loopback, with faults on request.
 
     Use as an async context manager; point SDKs at `.endpoint`.
@@ -131,18 +131,6 @@ class FaultProxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> FaultProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- forwarding ----------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +16,7 @@ from worker.devstack.openai_local import chat_api, responses_api
 from worker.devstack.openai_local.errors import bad_request, error_response, invalid_api_key
 from worker.devstack.openai_local.options import MODELS, BadRequest, ServerConfig
 from worker.devstack.openai_local.state import ServerState
+from worker.devstack.processes import InProcessServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STARTED = int(time.time())
@@ -95,7 +95,7 @@ async def _model(request: web.Request) -> web.Response:
     return web.json_response(_model_object(name))
 
 
-class OpenAILocalServer:
+class OpenAILocalServer(InProcessServer):
     """The local OpenAI-compatible server on 127.0.0.1 (port 0: a free one).
 
     async with OpenAILocalServer(tokens_per_second=0) as server:
@@ -146,15 +146,3 @@ class OpenAILocalServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> OpenAILocalServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
