@@ -106,7 +106,10 @@ async def serve(
     try:
         await queue.redis.ping()
         await wait_connected(ably)
-        runner = JobRunner(queue, model, ably, timeout_s=settings.job_timeout_seconds)
+        runner = JobRunner(
+            queue, model, ably, timeout_s=settings.job_timeout_seconds,
+            append_interval_s=settings.append_rollup_window_ms / 1000,
+        )  # fmt: skip
         options = RuntimeOptions(
             concurrency=settings.worker_concurrency,
             worker_id=settings.worker_id,

@@ -55,7 +55,7 @@ class Figures:
 
     def summary(self, stream: ResponseStream | TokenStream) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
-        tokens = self.output_tokens if self.output_tokens is not None else stream.appends
+        tokens = self.output_tokens if self.output_tokens is not None else stream.deltas
         streaming_s = elapsed - ((self.first_token_at or self.started) - self.started)
         return {
             "ttft_ms": self.ttft_ms(),
@@ -64,16 +64,26 @@ class Figures:
             "input_tokens": self.input_tokens,
             "tokens_per_s": round(tokens / streaming_s, 1) if streaming_s > 0 else None,
             "chars": len(stream.text),
+            "deltas": stream.deltas,
             "appends": stream.appends,
         }
 
 
 class JobRunner:
-    def __init__(self, queue: Queue, model: Model, ably: Any, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        model: Model,
+        ably: Any,
+        *,
+        timeout_s: float,
+        append_interval_s: float = 0.04,
+    ) -> None:
         self.queue = queue
         self.model = model
         self.ably = ably
         self.timeout_s = timeout_s
+        self.append_interval_s = append_interval_s  # = Ably's appendRollupWindow
 
     async def run(self, delivery: Delivery, control: JobControl | None = None) -> JobState:
         control = control or JobControl()
@@ -91,7 +101,7 @@ class JobRunner:
         stream: ResponseStream | TokenStream = (
             TokenStream(channel, headers, delivery.attempt)
             if job.pattern == Pattern.MESSAGE_PER_TOKEN
-            else ResponseStream(channel, headers)
+            else ResponseStream(channel, headers, self.append_interval_s)
         )
         figures = Figures()
         try:

@@ -114,6 +114,9 @@ credentials = false
 
 [ably_compat]
 enabled = true
+# ACK a publish as soon as it is committed: the default (10 ms) batches ACKs, and a burst
+# of more than 32 on one connection overflows Sockudo's control queue (ACKs are dropped).
+stats_flush_interval_ms = 0
 
 [push]
 storage_driver = "memory"

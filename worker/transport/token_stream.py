@@ -21,6 +21,7 @@ class TokenStream:
         self.attempt = attempt
         self.serial: str | None = None
         self.text = ""
+        self.deltas = 0
         self.appends = 0
         self._pending: list[asyncio.Task[Any]] = []
 
@@ -35,6 +36,7 @@ class TokenStream:
         if not delta:
             return
         self.text += delta
+        self.deltas += 1
         self.appends += 1
         message = contract.token(delta, self.headers)
         self._pending.append(asyncio.create_task(self.channel.publish(message)))
