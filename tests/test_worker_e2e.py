@@ -324,3 +324,32 @@ async def test_fast_answers_stay_inside_ablys_rate_limits(stack: Stack, channel_
     history = await stack.history(channel_name)
     expected = [answer_text(str(j.input), tokens=400) for j in jobs]
     assert sorted(m.data for m in history) == sorted(expected)
+
+
+@pytest.mark.parametrize("streams_per_connection", [2, 8])
+async def test_many_fast_answers_share_connections_inside_the_budget(
+    stack: Stack, streams_per_connection: int
+) -> None:
+    """Eight answers at full speed: spread over ceil(8 / streams_per_connection) Ably
+    connections, each connection's budget shared among its answers, none refused."""
+    from worker.devstack.fault_proxy import FaultProxy
+
+    pace = {"local_tokens_per_second": "400", "local_tokens": "300"}
+    jobs = [new_job(f"conv:{uuid.uuid4().hex[:8]}", prompt(f"many {i}"), metadata=pace)
+            for i in range(8)]  # fmt: skip
+    async with FaultProxy(stack.ably.endpoint, enforce_rate_limits=True) as proxy:
+        settings = stack.settings(
+            worker_concurrency=8, streams_per_connection=streams_per_connection,
+            ably_endpoint=proxy.endpoint,
+        )  # fmt: skip
+        async with running_worker(settings):
+            await stack.enqueue(*jobs)
+            for job in jobs:
+                await stack.wait_state(job.id, "completed")
+        stats = proxy.stats()
+    publishing = [c for c in stats.connections.values() if c.total.messages > 0]
+    assert len(publishing) == 8 // streams_per_connection
+    assert all(c.total.peak_counted_per_s <= 50 and c.total.refused == 0 for c in publishing)
+    for job in jobs:
+        [message] = await stack.history(job.channel)
+        assert message.data == answer_text(str(job.input), tokens=300)

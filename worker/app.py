@@ -15,6 +15,7 @@ from worker.redis_client import connect_redis
 from worker.runtime import RuntimeOptions, Worker
 from worker.settings import RedisSettings, Settings
 from worker.transport.client import realtime_client
+from worker.transport.pool import ConnectionPool
 
 log = get_logger("worker")
 
@@ -46,7 +47,19 @@ def make_ably(settings: Settings) -> Any:
         settings.ably_api_key.get_secret_value(),
         settings.ably_endpoint,
         client_id=settings.worker_id,
-        transport_params={"appendRollupWindow": settings.append_rollup_window_ms},
+        # No echo: a connection that listens for `cancel` on a channel it streams into
+        # need not receive its own appends back.
+        transport_params={"appendRollupWindow": settings.append_rollup_window_ms, "echo": False},
+    )
+
+
+def make_pool(settings: Settings) -> ConnectionPool:
+    return ConnectionPool(
+        lambda: make_ably(settings),
+        concurrency=settings.worker_concurrency,
+        streams_per_connection=settings.streams_per_connection,
+        messages_per_second=settings.ably_messages_per_second,
+        rollup_window_s=settings.append_rollup_window_ms / 1000,
     )
 
 
@@ -97,7 +110,7 @@ async def serve(
         max_attempts=settings.job_max_attempts,
         heartbeat_ttl_s=settings.job_visibility_timeout_seconds,
     )
-    ably = make_ably(settings)
+    pool = make_pool(settings)
     model = Model(
         make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
         settings.openai_model,
@@ -105,11 +118,8 @@ async def serve(
     )
     try:
         await queue.redis.ping()
-        await wait_connected(ably)
-        runner = JobRunner(
-            queue, model, ably, timeout_s=settings.job_timeout_seconds,
-            append_interval_s=settings.append_rollup_window_ms / 1000,
-        )  # fmt: skip
+        await pool.wait_connected(wait_connected)
+        runner = JobRunner(queue, model, timeout_s=settings.job_timeout_seconds)
         options = RuntimeOptions(
             concurrency=settings.worker_concurrency,
             worker_id=settings.worker_id,
@@ -119,7 +129,9 @@ async def serve(
             reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
             stats_interval_s=settings.stats_interval_seconds,
         )
-        await Worker(queue, runner, ably, options).run(stop)
+        log.info("worker.connections", ably_connections=len(pool.clients),
+                 streams_per_connection=settings.streams_per_connection)  # fmt: skip
+        await Worker(queue, runner, pool, options).run(stop)
     finally:
-        await ably.close()
+        await pool.close()
         await queue.redis.aclose()

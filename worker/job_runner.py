@@ -20,6 +20,7 @@ from worker.logs import get_logger
 from worker.model import Done, Failed, Model, TextDelta
 from worker.queue import Delivery, JobState, Queue
 from worker.transport.contract import Headers, Status
+from worker.transport.pool import Lease
 from worker.transport.response_stream import ResponseStream
 from worker.transport.token_stream import TokenStream
 
@@ -70,22 +71,15 @@ class Figures:
 
 
 class JobRunner:
-    def __init__(
-        self,
-        queue: Queue,
-        model: Model,
-        ably: Any,
-        *,
-        timeout_s: float,
-        append_interval_s: float = 0.04,
-    ) -> None:
+    def __init__(self, queue: Queue, model: Model, *, timeout_s: float) -> None:
         self.queue = queue
         self.model = model
-        self.ably = ably
         self.timeout_s = timeout_s
-        self.append_interval_s = append_interval_s  # = Ably's appendRollupWindow
 
-    async def run(self, delivery: Delivery, control: JobControl | None = None) -> JobState:
+    async def run(
+        self, delivery: Delivery, lease: Lease, control: JobControl | None = None
+    ) -> JobState:
+        """Run one delivery on the connection (and message budget) that `lease` lends it."""
         control = control or JobControl()
         if delivery.job is None:
             await self.queue.dead_letter(delivery, delivery.error or "invalid job")
@@ -97,11 +91,11 @@ class JobRunner:
         headers = Headers(
             response_id=job.id, model=self.model.model_for(job), metadata=job.metadata
         )
-        channel = self.ably.channels.get(job.channel)
+        channel = lease.client.channels.get(job.channel)
         stream: ResponseStream | TokenStream = (
-            TokenStream(channel, headers, delivery.attempt)
+            TokenStream(channel, headers, delivery.attempt, lease)
             if job.pattern == Pattern.MESSAGE_PER_TOKEN
-            else ResponseStream(channel, headers, self.append_interval_s)
+            else ResponseStream(channel, headers, lease)
         )
         figures = Figures()
         try:

@@ -22,6 +22,7 @@ from worker.job_runner import JobControl, JobRunner, StopReason
 from worker.logs import bind_job, get_logger
 from worker.queue import Delivery, RedisStreamsQueue
 from worker.transport import contract
+from worker.transport.pool import ConnectionPool
 from worker.transport.presence import AgentPresence
 
 log = get_logger("worker")
@@ -49,14 +50,19 @@ class Running:
 
 class Worker:
     def __init__(
-        self, queue: RedisStreamsQueue, runner: JobRunner, ably: Any, options: RuntimeOptions
+        self,
+        queue: RedisStreamsQueue,
+        runner: JobRunner,
+        pool: ConnectionPool,
+        options: RuntimeOptions,
     ) -> None:
         self.queue = queue
         self.runner = runner
-        self.ably = ably
+        self.pool = pool
         self.options = options
         self.running: dict[str, Running] = {}  # by job id
-        self._listening: dict[str, tuple[int, Callable[[Any], None]]] = {}  # cancel listeners
+        # Cancel listeners, one per (connection, channel) however many jobs share it.
+        self._listening: dict[tuple[int, str], tuple[int, Callable[[Any], None]]] = {}
         self._slot_freed = asyncio.Event()
         self.presence: AgentPresence | None = None
         self.started = time.monotonic()
@@ -139,17 +145,18 @@ class Worker:
         job = delivery.job
         bind_job(job_id=delivery.job_id, attempt=delivery.attempt,
                  channel=job.channel if job else None)  # fmt: skip
-        channel_name = job.channel if job else None
+        lease = self.pool.acquire()
         try:
-            if channel_name:
-                await self._listen_for_cancel(channel_name)
+            if job is not None:
+                await self._listen_for_cancel(lease.client, job.channel)
             control = self.running[delivery.job_id].control
-            await self.runner.run(delivery, control)
+            await self.runner.run(delivery, lease, control)
         except Exception as exc:  # the runner handles its own failures; this is a bug guard
             log.exception("job.crashed", error=str(exc))
         finally:
-            if channel_name:
-                await self._stop_listening(channel_name)
+            if job is not None:
+                await self._stop_listening(lease.client, job.channel)
+            self.pool.release(lease)
 
     def _finished(self, job_id: str) -> None:
         self.running.pop(job_id, None)
@@ -162,27 +169,29 @@ class Worker:
 
     # -- cancellation -------------------------------------------------------------------
 
-    async def _listen_for_cancel(self, channel_name: str) -> None:
-        """Subscribe to `cancel` on a job's channel, once however many jobs share it."""
-        if channel_name not in self._listening:
-
-            def listener(message: Any, channel_name: str = channel_name) -> None:
-                self._on_cancel(channel_name, message)  # the SDK wants a plain function
-
-            self._listening[channel_name] = (1, listener)
-            await self.ably.channels.get(channel_name).subscribe(contract.CANCEL, listener)
-        else:
-            count, known = self._listening[channel_name]
-            self._listening[channel_name] = (count + 1, known)
-
-    async def _stop_listening(self, channel_name: str) -> None:
-        count, listener = self._listening[channel_name]
-        if count > 1:
-            self._listening[channel_name] = (count - 1, listener)
+    async def _listen_for_cancel(self, client: Any, channel_name: str) -> None:
+        """Subscribe to `cancel` on a job's channel, once per connection and channel."""
+        key = (id(client), channel_name)
+        if key in self._listening:
+            count, known = self._listening[key]
+            self._listening[key] = (count + 1, known)
             return
-        del self._listening[channel_name]
+
+        def listener(message: Any) -> None:
+            self._on_cancel(channel_name, message)  # the SDK wants a plain function
+
+        self._listening[key] = (1, listener)
+        await client.channels.get(channel_name).subscribe(contract.CANCEL, listener)
+
+    async def _stop_listening(self, client: Any, channel_name: str) -> None:
+        key = (id(client), channel_name)
+        count, listener = self._listening[key]
+        if count > 1:
+            self._listening[key] = (count - 1, listener)
+            return
+        del self._listening[key]
         with contextlib.suppress(Exception):
-            self.ably.channels.get(channel_name).unsubscribe(contract.CANCEL, listener)
+            client.channels.get(channel_name).unsubscribe(contract.CANCEL, listener)
 
     def _on_cancel(self, channel_name: str, message: Any) -> None:
         response_id = contract.cancel_target(message)
@@ -261,7 +270,7 @@ class Worker:
                  live_workers=len(stats.workers), lag_s=stats.oldest_waiting_age_s)  # fmt: skip
 
     async def _enter_presence(self) -> None:
-        channel = self.ably.channels.get(self.options.presence_channel)
+        channel = self.pool.primary.channels.get(self.options.presence_channel)
         self.presence = AgentPresence(channel, self.options.worker_id, self.options.concurrency)
         try:
             await self.presence.enter()

@@ -1,0 +1,104 @@
+"""Several Ably connections, and a message budget for each.
+
+Ably accepts 50 inbound messages a second on one connection. An answer streaming at full
+speed costs up to 25 (one append per 40 ms rollup window), so one connection carries two
+such answers, not sixteen. The pool opens `ceil(concurrency / streams_per_connection)`
+connections and gives each new answer the least busy one. Every message sent on a
+connection (create, append, close) first takes a token from that connection's budget, a
+token bucket filling at `messages_per_second` with a small burst, so no one-second
+window holds more than Ably accepts; and each answer's appends are spaced at least its
+fair share (`answers_on_connection / messages_per_second`) apart, so answers sharing a
+connection share it evenly. What waits for a token is coalesced, not dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Budget:
+    """A token bucket: `reserve()` takes one message's token and says how long to wait
+    before sending it (0: now). Reservations queue, so waits grow in order."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.capacity = burst
+        self.tokens = burst
+        self.updated = time.monotonic()
+
+    def reserve(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+BURST = 5.0
+
+
+@dataclass
+class Lease:
+    """One answer's share of one connection; give it back with `Pool.release`."""
+
+    client: Any
+    slot: int
+    _pool: ConnectionPool = field(repr=False)
+
+    def min_interval_s(self) -> float:
+        """How far apart this answer's appends must be right now."""
+        return self._pool.interval_for(self.slot)
+
+    def reserve(self) -> float:
+        """Take a token for one message on this connection; returns the wait before it."""
+        return self._pool.budgets[self.slot].reserve()
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        make_client: Callable[[], Any],
+        *,
+        concurrency: int,
+        streams_per_connection: int,
+        messages_per_second: float,
+        rollup_window_s: float,
+    ) -> None:
+        size = max(1, math.ceil(concurrency / max(1, streams_per_connection)))
+        self.clients = [make_client() for _ in range(size)]
+        self.active = [0] * size
+        # A burst of 5 over a rate of 45 keeps any one-second window at 50 or under.
+        self.budgets = [Budget(messages_per_second, BURST) for _ in range(size)]
+        self.messages_per_second = messages_per_second
+        self.rollup_window_s = rollup_window_s
+
+    @property
+    def primary(self) -> Any:
+        """The connection for everything that is not an answer (presence)."""
+        return self.clients[0]
+
+    def acquire(self) -> Lease:
+        slot = min(range(len(self.clients)), key=lambda i: self.active[i])
+        self.active[slot] += 1
+        return Lease(self.clients[slot], slot, self)
+
+    def release(self, lease: Lease) -> None:
+        self.active[lease.slot] -= 1
+
+    def interval_for(self, slot: int) -> float:
+        share = max(1, self.active[slot]) / self.messages_per_second
+        return max(self.rollup_window_s, share)
+
+    async def close(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def wait_connected(self, wait_one: Callable[[Any], Any]) -> None:
+        await asyncio.gather(*(wait_one(client) for client in self.clients))
