@@ -172,6 +172,16 @@ async def test_a_refused_ably_key_stops_the_start_with_a_clear_error(stack: Stac
     assert "Ably refused" in stderr.decode() and "wrong-secret" not in stderr.decode()
 
 
+async def test_an_unreachable_redis_stops_the_start_with_a_clear_error(stack: Stack) -> None:
+    env = {**stack.env(), "REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}
+    proc = await start_worker_process(env)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach Redis") and "REDIS_URL" in last
+    assert "hunter2" not in stderr.decode()
+
+
 def test_the_procfile_runs_the_worker() -> None:
     with open(os.path.join(os.path.dirname(__file__), "..", "Procfile")) as procfile:
         assert procfile.read().strip() == "worker: python -m worker run"

@@ -7,6 +7,8 @@ import signal
 import uuid
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from worker.job_runner import JobRunner
 from worker.logs import get_logger
 from worker.model import Model, make_client
@@ -96,6 +98,13 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
+async def _check_redis(queue: RedisStreamsQueue) -> None:
+    try:
+        await queue.redis.ping()
+    except RedisError as exc:  # its message names host and port, never the password
+        raise StartupError(f"cannot reach Redis: {exc} (check REDIS_URL)") from None
+
+
 async def serve(
     settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True
 ) -> None:
@@ -117,7 +126,7 @@ async def serve(
         settings.openai_api,
     )
     try:
-        await queue.redis.ping()
+        await _check_redis(queue)
         await pool.wait_connected(wait_connected)
         runner = JobRunner(queue, model, timeout_s=settings.job_timeout_seconds)
         options = RuntimeOptions(

@@ -63,9 +63,6 @@ def run() -> None:
     except StartupError as exc:
         get_logger("worker").error("worker.start_failed", error=str(exc))
         _fail(str(exc), 1)
-    except OSError as exc:  # Redis unreachable at start
-        get_logger("worker").error("worker.start_failed", error=str(exc))
-        _fail(f"cannot reach a service: {exc} (check REDIS_URL)", 1)
 
 
 @app.command()
