@@ -6,6 +6,7 @@ subscriber renders, what a late joiner and history get, what is left in Redis.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -353,3 +354,37 @@ async def test_many_fast_answers_share_connections_inside_the_budget(
     for job in jobs:
         [message] = await stack.history(job.channel)
         assert message.data == answer_text(str(job.input), tokens=300)
+
+
+async def test_a_redis_outage_longer_than_the_heartbeat_gives_one_answer_not_two(
+    stack: Stack, channel_name: str
+) -> None:
+    """Two workers; Redis goes away for longer than the heartbeat TTL while one streams.
+    Its claim lapses, so it abandons the job; whichever worker takes it back reopens the
+    same message. One message, the model's text, closed once as complete."""
+    text = prompt("outage")
+    job = new_job(
+        channel_name, text, metadata={"local_tokens_per_second": "40", "local_tokens": "400"}
+    )
+    settings = {"job_visibility_timeout_seconds": 2, "job_timeout_seconds": 60}
+    async with subscriber(stack, channel_name) as live:
+        async with (
+            running_worker(stack.settings(**settings)),
+            running_worker(stack.settings(**settings)),
+        ):
+            await stack.enqueue(job)
+            await wait_for(
+                lambda: len(live.texts.get(live.by_response(job.id) or "", "")) > 10, what="text"
+            )
+            stack.redis.kill()
+            await asyncio.sleep(3.5)
+            stack.redis.start()
+            await stack.redis.wait_ready()
+            record = await stack.wait_state(job.id, "completed", timeout=60)
+            await wait_for(lambda: live.status(job.id) == "complete", 20, "complete")
+    serial = live.by_response(job.id)
+    assert serial is not None and live.texts[serial] == answer_text(text, tokens=400)
+    assert int(record["attempts"]) >= 2  # the first attempt was abandoned
+    history = await stack.history(channel_name)
+    assert [(m.serial, m.data) for m in history] == [(serial, answer_text(text, tokens=400))]
+    assert live.statuses[serial][-1] == "complete" and live.statuses[serial].count("complete") == 1

@@ -30,6 +30,10 @@ log = get_logger("worker.job")
 class StopReason(enum.Enum):
     USER_CANCEL = "cancel"  # a user published `cancel` for this response
     SHUTDOWN = "shutdown"  # the worker drains and this job cannot finish in time
+    # The worker could not renew its heartbeat in time: another worker may have taken the
+    # job already, so this one stops touching it (no close, no requeue) and the queue's
+    # reclaim (or this worker's own orphan check) decides who finishes it.
+    HEARTBEAT_LOST = "heartbeat_lost"
 
 
 @dataclass
@@ -123,6 +127,9 @@ class JobRunner:
         figures: Figures,
         reason: StopReason,
     ) -> JobState:
+        if reason is StopReason.HEARTBEAT_LOST:
+            log.warning("job.abandoned", **figures.summary(stream))
+            return JobState.RUNNING
         if reason is StopReason.USER_CANCEL:
             await self._close(stream, Status.CANCELLED)
             await self.queue.complete(delivery, JobState.CANCELLED)

@@ -66,6 +66,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self.presence: AgentPresence | None = None
         self.started = time.monotonic()
+        self._last_beat = time.monotonic()
 
     # -- the main loop -----------------------------------------------------------------
 
@@ -248,7 +249,18 @@ class Worker:
                 "in_flight": len(self.running), "version": __version__}  # fmt: skip
 
     async def _heartbeat(self) -> None:
-        await self.queue.heartbeat(self._heartbeat_info())
+        try:
+            await self.queue.heartbeat(self._heartbeat_info())
+        finally:
+            # Checked whether the renewal failed or only came late (the Redis client
+            # retries): past the TTL our key lapsed, and a live worker may already be
+            # running our jobs. Stop touching them; reclaim or our orphan check decides
+            # who finishes each.
+            if time.monotonic() - self._last_beat > self.queue.heartbeat_ttl_s and self.running:
+                log.error("worker.heartbeat_lost", abandoned=len(self.running))
+                for running in list(self.running.values()):
+                    self._stop_job(running, StopReason.HEARTBEAT_LOST)
+        self._last_beat = time.monotonic()
 
     async def _reclaim(self) -> None:
         free = self.options.concurrency - len(self.running)
