@@ -37,9 +37,9 @@ that sees no ACK for `--stall-timeout` publishes one more message (a "nudge", no
 counted) so that its ACK covers the tail, and counts a stall.
 
 ACK pacing. Sockudo acknowledges a publish once its stats worker has merged it, and that
-worker waits `stats_flush_interval_ms` (Sockudo's default 10; LocalAbly leaves it) for a
+worker waits `stats_flush_interval_ms` (Sockudo's default 10; LocalAbly sets 0) for a
 batch when its queue looks empty: with several connections interleaving, ACKs come in
-10-12 ms steps. `--stats-flush-interval-ms 0` sets it to 0 for one run, to compare.
+10-12 ms steps. `--stats-flush-interval-ms 10` sets Sockudo's default for one run, to compare.
 
 Loopback only; every wait is bounded; a full default run takes about 45 s.
 """
@@ -63,7 +63,6 @@ from typing import Any
 
 from ably.types.message import Message
 
-from worker.devstack import ably as local_ably
 from worker.devstack.ably import LocalAbly
 from worker.devstack.sockudo_install import SOCKUDO_VERSION
 from worker.transport.client import quiet_sdk_logs, realtime_client
@@ -737,30 +736,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stats-flush-interval-ms",
         type=int,
         default=None,
-        help="set Sockudo's [ably_compat] stats_flush_interval_ms (default: "
-        "LocalAbly's configuration, where Sockudo's own default, 10, applies)",
+        help="set Sockudo's [ably_compat] stats_flush_interval_ms (default: LocalAbly's, 0; "
+        "Sockudo's own default is 10)",
     )
     p.add_argument("--only", nargs="+", choices=PHASES, help="run only these phases")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _set_stats_flush_interval(ms: int) -> None:
-    """Add `stats_flush_interval_ms` to the configuration LocalAbly writes (this run only).
-
-    Sockudo acknowledges a publish after its stats worker has merged it; that worker waits
-    this long for a batch whenever it finds its queue empty, which shows as 10-12 ms gaps
-    between ACKs once several connections interleave."""
-    original = local_ably.render_config
-
-    def render(*a: Any, **kw: Any) -> str:
-        config = original(*a, **kw)
-        section = "[ably_compat]\nenabled = true\n"
-        assert section in config, "LocalAbly's configuration changed: update this bench"
-        return config.replace(section, f"{section}stats_flush_interval_ms = {ms}\n")
-
-    local_ably.render_config = render  # type: ignore[assignment]
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -773,9 +755,8 @@ async def amain(args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    if args.stats_flush_interval_ms is not None:
-        _set_stats_flush_interval(args.stats_flush_interval_ms)
-    async with LocalAbly() as server:
+    flush = args.stats_flush_interval_ms
+    async with LocalAbly(**({} if flush is None else {"stats_flush_interval_ms": flush})) as server:
         meta = _meta(args)
         phases = await Bench(server, args).run()
     report(phases, args, meta)

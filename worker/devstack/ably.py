@@ -51,7 +51,7 @@ class AblyKey:
         return f"{self.key_name}:{self.secret}"
 
 
-def render_config(key: AblyKey, host: str, port: int) -> str:
+def render_config(key: AblyKey, host: str, port: int, stats_flush_interval_ms: int = 0) -> str:
     """A Sockudo configuration for local development: one app, everything in memory.
 
     Ably compatibility on; every channel takes updates and appends (versioned messages)
@@ -114,9 +114,9 @@ credentials = false
 
 [ably_compat]
 enabled = true
-# ACK a publish as soon as it is committed: the default (10 ms) batches ACKs, and a burst
-# of more than 32 on one connection overflows Sockudo's control queue (ACKs are dropped).
-stats_flush_interval_ms = 0
+# ACK a publish as soon as it is committed (0): Sockudo's default (10 ms) batches ACKs,
+# and a burst of more than 32 on one connection overflows its control queue (dropped ACKs).
+stats_flush_interval_ms = {stats_flush_interval_ms}
 
 [push]
 storage_driver = "memory"
@@ -172,6 +172,7 @@ class LocalAbly(ChildServer):
     key: str = DEFAULT_KEY
     host: str = "127.0.0.1"
     log_level: str = "warn"
+    stats_flush_interval_ms: int = 0  # Sockudo's ACK batching; see render_config
 
     @property
     def endpoint(self) -> str:
@@ -184,7 +185,8 @@ class LocalAbly(ChildServer):
             self.port = free_port()
         self._workdir = tempfile.TemporaryDirectory(prefix="local-ably-")
         config = Path(self._workdir.name) / "sockudo.toml"
-        config.write_text(render_config(AblyKey.parse(self.key), self.host, self.port))
+        key = AblyKey.parse(self.key)
+        config.write_text(render_config(key, self.host, self.port, self.stats_flush_interval_ms))
         # A clean environment: Sockudo reads PORT, REDIS_URL and many more from it.
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": self.log_level}
         self._proc = subprocess.Popen(
