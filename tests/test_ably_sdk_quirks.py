@@ -97,3 +97,19 @@ async def test_realtime_token_requests_carry_the_configured_client_id(
         assert client.auth.client_id == "agent-7"
     finally:
         await client.close()
+
+
+async def test_sdk_still_refuses_basic_auth_over_plain_http(local_ably: LocalAbly) -> None:
+    """Hence token auth everywhere (`client_options`): with Basic auth, every REST call
+    to a non-TLS endpoint (history, get_message) fails before it is sent."""
+    from ably import AblyException, AblyRest
+
+    from worker.transport.endpoint import Endpoint
+
+    basic = AblyRest(key=local_ably.key, **Endpoint.parse(local_ably.endpoint).client_options())
+    try:
+        with pytest.raises(AblyException) as refused:
+            await basic.channels.get("quirk:basic").history()
+        assert refused.value.code == 40103
+    finally:
+        await basic.close()
