@@ -45,12 +45,9 @@ def test_a_bad_key_is_refused_by_the_launcher() -> None:
 
 
 def test_installer_without_cargo_says_what_to_install(tmp_path: object) -> None:
-    env = {
-        **os.environ,
-        "SOCKUDO_HOME": str(tmp_path),
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-    }
+    # An empty PATH and HOME: no cargo anywhere, so no 15-minute build starts by mistake.
+    empty = str(tmp_path)
+    env = {**os.environ, "SOCKUDO_HOME": empty, "PATH": empty, "HOME": empty}
     env.pop("SOCKUDO_BIN", None)
     result = subprocess.run(
         [sys.executable, "-m", "worker.devstack.sockudo_install"],
