@@ -147,17 +147,29 @@ class Worker:
         bind_job(job_id=delivery.job_id, attempt=delivery.attempt,
                  channel=job.channel if job else None)  # fmt: skip
         lease = self.pool.acquire()
+        # Listening for `cancel` attaches the channel: a round trip the answer need not
+        # wait for (publishing needs no attach), and no reason to fail the job if refused.
+        listening = (
+            asyncio.create_task(self._listen_for_cancel(lease.client, job.channel)) if job else None
+        )
         try:
-            if job is not None:
-                await self._listen_for_cancel(lease.client, job.channel)
             control = self.running[delivery.job_id].control
             await self.runner.run(delivery, lease, control)
         except Exception as exc:  # the runner handles its own failures; this is a bug guard
             log.exception("job.crashed", error=str(exc))
         finally:
-            if job is not None:
-                await self._stop_listening(lease.client, job.channel)
+            if job is not None and listening is not None:
+                await self._end_listening(listening, lease.client, job.channel)
             self.pool.release(lease)
+
+    async def _end_listening(
+        self, listening: asyncio.Task[None], client: Any, channel: str
+    ) -> None:
+        try:
+            await listening
+        except Exception as exc:
+            log.warning("job.cancel_listen_failed", error=str(exc))
+        await self._stop_listening(client, channel)
 
     def _finished(self, job_id: str) -> None:
         self.running.pop(job_id, None)

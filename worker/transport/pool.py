@@ -73,7 +73,7 @@ class ConnectionPool:
         size = max(1, math.ceil(concurrency / max(1, streams_per_connection)))
         self.clients = [make_client() for _ in range(size)]
         self.active = [0] * size
-        # A burst of 5 over a rate of 45 keeps any one-second window at 50 or under.
+        # A burst of 5 over a rate of 44 (+ presence, at most 1/s) keeps a one-second window at 50.
         self.budgets = [Budget(messages_per_second, BURST) for _ in range(size)]
         self.messages_per_second = messages_per_second
         self.rollup_window_s = rollup_window_s
