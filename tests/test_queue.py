@@ -253,3 +253,24 @@ async def test_rediss_with_a_self_signed_certificate_works_as_on_heroku() -> Non
             assert delivery.job_id == "over-tls"
         finally:
             await client.aclose()
+
+
+async def test_a_refused_password_is_not_retried_like_a_restart() -> None:
+    """redis-py makes AuthenticationError a ConnectionError; the client retries the
+    latter (restarts, failovers) but not the former: one connection, not nine."""
+    from redis.exceptions import AuthenticationError
+
+    from worker.devstack.redis_server import LocalRedis
+
+    async with LocalRedis(password="pw") as guarded:
+        admin = connect_redis(guarded.url)
+        wrong = connect_redis(guarded.url.replace(":pw@", ":nope@"))
+        try:
+            before = (await admin.info("stats"))["total_connections_received"]
+            with pytest.raises(AuthenticationError):
+                await wrong.ping()
+            after = (await admin.info("stats"))["total_connections_received"]
+        finally:
+            await admin.aclose()
+            await wrong.aclose()
+    assert after - before == 1

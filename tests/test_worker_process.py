@@ -185,3 +185,17 @@ async def test_an_unreachable_redis_stops_the_start_with_a_clear_error(stack: St
 def test_the_procfile_runs_the_worker() -> None:
     with open(os.path.join(os.path.dirname(__file__), "..", "Procfile")) as procfile:
         assert procfile.read().strip() == "worker: python -m worker run"
+
+
+async def test_a_wrong_redis_password_is_reported_at_once(stack: Stack) -> None:
+    """A refused password: one clear line, without the password."""
+    from worker.devstack.redis_server import LocalRedis
+
+    async with LocalRedis(password="right-password") as guarded:
+        env = {**stack.env(), "REDIS_URL": guarded.url.replace("right-password", "wrong-one")}
+        proc = await start_worker_process(env)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach Redis") and "password" in last.lower()
+    assert "wrong-one" not in stderr.decode()

@@ -12,7 +12,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
+
+
+class _RetryExceptAuth(Retry):
+    """Retry what a restart or failover causes, not a refused password: redis-py makes
+    AuthenticationError a ConnectionError, and retrying it only delays the message."""
+
+    async def call_with_retry(  # type: ignore[override]
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, AuthenticationError):
+                return False
+            return is_retryable is None or is_retryable(error)
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
@@ -20,7 +35,7 @@ def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
         "decode_responses": True,
         "health_check_interval": 15,
         "socket_keepalive": True,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
+        "retry": _RetryExceptAuth(ExponentialBackoff(cap=2.0, base=0.05), retries),
         "retry_on_error": [ConnectionError, TimeoutError, OSError],
     }
     if url.startswith("rediss://"):

@@ -38,10 +38,12 @@ class LocalRedis(ChildServer):
     port: int = 0
     appendonly: bool = False
     tls: bool = False  # serve rediss:// with a self-signed certificate, as Heroku Redis does
+    password: str | None = None  # `requirepass`, as hosted Redis has
 
     @property
     def url(self) -> str:
-        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         if not self.port:
@@ -58,6 +60,7 @@ class LocalRedis(ChildServer):
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
             "--loglevel", "warning",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, **server_process_options())
 
