@@ -19,7 +19,7 @@ class _RetryExceptAuth(Retry):
     """Retry what a restart or failover causes, not a refused password: redis-py makes
     AuthenticationError a ConnectionError, and retrying it only delays the message."""
 
-    async def call_with_retry(  # type: ignore[override]
+    async def call_with_retry(
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
         def retryable(error: Exception) -> bool:
