@@ -388,3 +388,30 @@ async def test_a_redis_outage_longer_than_the_heartbeat_gives_one_answer_not_two
     history = await stack.history(channel_name)
     assert [(m.serial, m.data) for m in history] == [(serial, answer_text(text, tokens=400))]
     assert live.statuses[serial][-1] == "complete" and live.statuses[serial].count("complete") == 1
+
+
+async def test_fast_answers_in_one_conversation_share_the_channel_budget(
+    stack: Stack, channel_name: str
+) -> None:
+    """Ably's 50/s holds per channel too, across connections: three fast answers in one
+    conversation, each on its own connection, stay inside it together."""
+    from worker.devstack.fault_proxy import FaultProxy
+
+    pace = {"local_tokens_per_second": "400", "local_tokens": "400"}
+    jobs = [new_job(channel_name, prompt(f"same channel {i}"), metadata=pace) for i in range(3)]
+    async with FaultProxy(stack.ably.endpoint, enforce_rate_limits=True) as proxy:
+        settings = stack.settings(
+            worker_concurrency=3, streams_per_connection=1, ably_endpoint=proxy.endpoint
+        )
+        async with running_worker(settings):
+            await stack.enqueue(*jobs)
+            for job in jobs:
+                await stack.wait_state(job.id, "completed")
+        stats = proxy.stats()
+    channel = stats.channels[channel_name]
+    assert channel.peak_counted_per_s <= 50 and channel.refused == 0
+    assert channel.peak_counted_per_s > 30  # the three did stream side by side
+    history = await stack.history(channel_name)
+    assert sorted(m.data for m in history) == sorted(
+        answer_text(str(j.input), tokens=400) for j in jobs
+    )

@@ -146,7 +146,7 @@ class Worker:
         job = delivery.job
         bind_job(job_id=delivery.job_id, attempt=delivery.attempt,
                  channel=job.channel if job else None)  # fmt: skip
-        lease = self.pool.acquire()
+        lease = self.pool.acquire(job.channel if job else "")
         # Listening for `cancel` attaches the channel: a round trip the answer need not
         # wait for (publishing needs no attach), and no reason to fail the job if refused.
         listening = (

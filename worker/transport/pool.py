@@ -1,4 +1,4 @@
-"""Several Ably connections, and a message budget for each.
+"""Several Ably connections, and a message budget for each (and for each channel).
 
 Ably accepts 50 inbound messages a second on one connection. An answer streaming at full
 speed costs up to 25 (one append per 40 ms rollup window), so one connection carries two
@@ -32,6 +32,11 @@ class Budget:
         self.tokens = burst
         self.updated = time.monotonic()
 
+    def idle(self) -> bool:
+        """Full again: nothing recent left to account for."""
+        elapsed = time.monotonic() - self.updated
+        return self.tokens + elapsed * self.rate >= self.capacity
+
     def reserve(self) -> float:
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
@@ -45,19 +50,23 @@ BURST = 5.0
 
 @dataclass
 class Lease:
-    """One answer's share of one connection; give it back with `Pool.release`."""
+    """One answer's share of one connection and of its channel; give it back with
+    `Pool.release`."""
 
     client: Any
     slot: int
+    channel: str
     _pool: ConnectionPool = field(repr=False)
 
     def min_interval_s(self) -> float:
         """How far apart this answer's appends must be right now."""
-        return self._pool.interval_for(self.slot)
+        return self._pool.interval_for(self)
 
     def reserve(self) -> float:
-        """Take a token for one message on this connection; returns the wait before it."""
-        return self._pool.budgets[self.slot].reserve()
+        """Take a token for one message from the connection's and the channel's budgets;
+        returns the wait before it may go (the later of the two)."""
+        on_connection = self._pool.budgets[self.slot].reserve()
+        return max(on_connection, self._pool.channel_budgets[self.channel].reserve())
 
 
 class ConnectionPool:
@@ -77,23 +86,41 @@ class ConnectionPool:
         self.budgets = [Budget(messages_per_second, BURST) for _ in range(size)]
         self.messages_per_second = messages_per_second
         self.rollup_window_s = rollup_window_s
+        # Ably's 50/s also holds per channel, over every connection publishing to it
+        # (several answers in one conversation): a budget per channel with answers on it.
+        self.channel_budgets: dict[str, Budget] = {}
+        self.channel_active: dict[str, int] = {}
 
     @property
     def primary(self) -> Any:
         """The connection for everything that is not an answer (presence)."""
         return self.clients[0]
 
-    def acquire(self) -> Lease:
+    def acquire(self, channel: str) -> Lease:
         slot = min(range(len(self.clients)), key=lambda i: self.active[i])
         self.active[slot] += 1
-        return Lease(self.clients[slot], slot, self)
+        if channel not in self.channel_budgets:
+            self.channel_budgets[channel] = Budget(self.messages_per_second, BURST)
+        self.channel_active[channel] = self.channel_active.get(channel, 0) + 1
+        return Lease(self.clients[slot], slot, channel, self)
 
     def release(self, lease: Lease) -> None:
         self.active[lease.slot] -= 1
+        self.channel_active[lease.channel] -= 1
+        if not self.channel_active[lease.channel]:
+            del self.channel_active[lease.channel]
+        self._forget_idle_channels()
 
-    def interval_for(self, slot: int) -> float:
-        share = max(1, self.active[slot]) / self.messages_per_second
-        return max(self.rollup_window_s, share)
+    def _forget_idle_channels(self) -> None:
+        """Drop budgets of channels with no answer whose bucket has refilled anyway (a
+        fresh one would be the same), so the dict does not grow with every channel."""
+        for channel in [c for c in self.channel_budgets if c not in self.channel_active]:
+            if self.channel_budgets[channel].idle():
+                del self.channel_budgets[channel]
+
+    def interval_for(self, lease: Lease) -> float:
+        sharing = max(self.active[lease.slot], self.channel_active.get(lease.channel, 1), 1)
+        return max(self.rollup_window_s, sharing / self.messages_per_second)
 
     async def close(self) -> None:
         for client in self.clients:
