@@ -62,33 +62,19 @@ from pathlib import Path
 from typing import Any
 
 from ably.types.message import Message
+from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
 
 from worker.devstack.ably import LocalAbly
 from worker.devstack.sockudo_install import SOCKUDO_VERSION
 from worker.transport.client import quiet_sdk_logs, realtime_client
 
 SCRIPT = str(Path(__file__).resolve())
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECT_TIMEOUT_S = 15.0
 CHILD_TIMEOUT_S = 30.0  # on top of a phase's own seconds
 NUDGES = 3  # extra publishes tried when ACKs are withheld, before giving up
 
 
 # --- CPU clocks ------------------------------------------------------------------------
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (every thread), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores of the machine have spent busy since boot (/proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 @dataclass(frozen=True)

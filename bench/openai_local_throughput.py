@@ -29,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+from cpu_clock import process_cpu_s  # bench/, the script's folder
 
 from worker.devstack.openai_local import answer_tokens
 
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace, server_pid: int | None, base_url: str) -> int:
     ]
     start_at = time.time() + 3.0  # time for every client process to import and connect
     jobs = [Job(base_url, n, args.rounds, args.tokens, start_at, args.client) for n in shares if n]
-    cpu_before = process_cpu_s(server_pid)
+    cpu_before = server_cpu_s(server_pid)
     with ProcessPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(run_client, jobs))
-    server_cpu = process_cpu_s(server_pid) - cpu_before
+    server_cpu = server_cpu_s(server_pid) - cpu_before
     stats = [s for stream_stats, _ in results for s in stream_stats]
     client_cpu = sum(cpu for _, cpu in results)
     report(args, stats, start_at, server_cpu, client_cpu)
@@ -175,11 +176,8 @@ async def raw_stream(
     return StreamStats(started, first, last, tokens)
 
 
-def process_cpu_s(pid: int | None) -> float:
-    if pid is None:
-        return math.nan  # a server we did not start
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def server_cpu_s(pid: int | None) -> float:
+    return math.nan if pid is None else process_cpu_s(pid)  # nan: a server we did not start
 
 
 def percentile(values: list[float], share: float) -> float:

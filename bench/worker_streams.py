@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
 
 from worker.app import serve
 from worker.devstack.ably import LocalAbly
@@ -79,7 +80,6 @@ from worker.settings import Settings, load_settings
 from worker.transport.client import quiet_sdk_logs, realtime_client
 
 SCRIPT = str(Path(__file__).resolve())
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 30.0  # a server or the worker getting ready
 ROUND_GRACE_S = 30.0  # on top of the model-only time, for one round to finish
 DONE_STATUSES = ("complete", "failed", "cancelled")
@@ -88,23 +88,6 @@ REPORT_LIMIT_BYTES = 64 * 1024 * 1024  # the subscribers' report: one line, ever
 
 
 # --- CPU clocks -------------------------------------------------------------------------
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (every thread), from /proc/<pid>/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 @dataclass(frozen=True)
