@@ -63,6 +63,7 @@ from typing import Any
 
 from ably.types.message import Message
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
+from json_child import JsonChild
 
 from worker.devstack.ably import LocalAbly
 from worker.devstack.sockudo_install import SOCKUDO_VERSION
@@ -320,48 +321,6 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(q[49], 2), "p95": round(q[94], 2), "max": round(max(values), 2)}
 
 
-class Child:
-    """A child process of this script, spoken to in JSON lines over stdin/stdout."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, spec: dict[str, Any]) -> Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            SCRIPT,
-            "--child",
-            json.dumps(spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        return cls(proc)
-
-    async def read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"bench child {self.proc.pid} exited ({await self.proc.wait()})")
-        return dict(json.loads(line))
-
-    def tell(self, text: str = "go") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-
-    async def finish(self) -> None:
-        """Let it exit (it does once it has reported); kill it if it does not."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.proc.wait()), 10)
-        except (TimeoutError, asyncio.CancelledError):
-            if self.proc.returncode is None:
-                self.proc.kill()
-            await self.proc.wait()
-            raise
-
-
 # --- the phases ----------------------------------------------------------------------------
 
 
@@ -477,19 +436,21 @@ class Bench:
             "window": a.window,
             "stall_s": a.stall_timeout,
         }
-        children: list[Child] = []
+        children: list[JsonChild] = []
         try:
-            children = [await Child.start(spec) for _ in range(processes)]
+            children = [
+                await JsonChild.start(SCRIPT, spec, "bench child") for _ in range(processes)
+            ]
             for child in children:
                 await child.read(CHILD_TIMEOUT_S)
             start = Meter.take(self.server_pid)
             for child in children:
-                child.tell()
+                await child.send("go")
             reports = [await c.read(a.seconds + CHILD_TIMEOUT_S) for c in children]
             phase.record(start, Meter.take(self.server_pid), sum(r["cpu_s"] for r in reports))
         finally:
             for child in children:
-                await child.finish()
+                await child.stop(10, raise_if_killed=True)
         for report in reports:
             phase.tally.add(report["tally"])
         return phase
@@ -531,17 +492,19 @@ class Bench:
         a = self.args
         phase = Phase("delivery", f"1 subscriber (child process); windows of {a.window}")
         clients = await connect(self.server.key, self.server.endpoint, 1)
-        sub: Child | None = None
+        sub: JsonChild | None = None
         try:
             (ch,) = await attached(clients, "delivery")
-            sub = await Child.start(
+            sub = await JsonChild.start(
+                SCRIPT,
                 {
                     "role": "subscriber",
                     "key": self.server.key,
                     "endpoint": self.server.endpoint,
                     "channel": ch.name,
                     "grace_s": 10.0,
-                }
+                },
+                "bench child",
             )
             await sub.read(CHILD_TIMEOUT_S)
             # Unloaded latency: a paced trickle, each publish awaited.
@@ -555,7 +518,7 @@ class Bench:
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             # Load: un-awaited windows, each message stamped as it is made.
-            sub.tell()
+            await sub.send("go")
             flood_start = time.time()
             start = Meter.take(self.server_pid)
             flood = await windowed_publishes(
@@ -570,12 +533,12 @@ class Bench:
             publish_s = time.time() - flood_start
             counts = {"paced": paced.acked, "flood": flood.acked}
             await ch.publish(Message(name="end", data=json.dumps(counts)))
-            sub.tell()
+            await sub.send("go")
             report = await sub.read(CHILD_TIMEOUT_S)
             end = Meter.take(self.server_pid)
         finally:
             if sub is not None:
-                await sub.finish()
+                await sub.stop(10, raise_if_killed=True)
             await close_all(clients)
         publisher_cpu = end.own_cpu - start.own_cpu
         received = report["received"]["flood"]

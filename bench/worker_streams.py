@@ -64,6 +64,7 @@ from typing import Any
 
 import aiohttp
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
+from json_child import JsonChild
 
 from worker.app import serve
 from worker.devstack.ably import LocalAbly
@@ -206,44 +207,6 @@ async def child_subscribers(spec: dict[str, Any]) -> None:
                     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
-class Child:
-    """The subscribers' process, spoken to in JSON lines over stdin/stdout."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, spec: dict[str, Any]) -> Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, SCRIPT, "--child", json.dumps(spec),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=REPORT_LIMIT_BYTES, **server_process_options(),
-        )  # fmt: skip
-        return cls(proc)
-
-    async def ask(self, command: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
-        await self.proc.stdin.drain()
-
-    async def read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"subscriber process exited ({await self.proc.wait()})")
-        return dict(json.loads(line))
-
-    async def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.proc.wait()), 15)
-        except (TimeoutError, asyncio.CancelledError):
-            if self.proc.returncode is None:
-                self.proc.kill()
-            await self.proc.wait()
-
-
 # --- the helper servers (processes) ------------------------------------------------------------
 
 
@@ -303,7 +266,7 @@ class Services:
     proxy: ProxyControl
     model_base_url: str
     pids: dict[str, int]
-    child: Child
+    child: JsonChild
 
 
 @dataclass
@@ -440,7 +403,9 @@ class Bench:
             for j in jobs
         )
         timeout_s = model_s + ROUND_GRACE_S
-        await self.s.child.ask({"channels": [j.channel for j in jobs], "timeout_s": timeout_s})
+        await self.s.child.send(
+            json.dumps({"channels": [j.channel for j in jobs], "timeout_s": timeout_s})
+        )
         await self.s.child.read(START_TIMEOUT_S)  # attached
         await self.s.proxy.reset()
         start = Meter.take(self.s.pids)
@@ -747,8 +712,11 @@ async def amain(args: argparse.Namespace) -> int:
         )  # fmt: skip
         proxy = ProxyControl(f"http://127.0.0.1:{args.proxy_port}")
         stack.push_async_callback(proxy.close)
-        child = await Child.start({"key": ably.key, "endpoint": ably.endpoint})
-        stack.push_async_callback(child.stop)
+        spec = {"key": ably.key, "endpoint": ably.endpoint}
+        child = await JsonChild.start(
+            SCRIPT, spec, "subscriber process", limit=REPORT_LIMIT_BYTES, **server_process_options()
+        )
+        stack.push_async_callback(child.stop, 15)
         assert redis._proc is not None and ably._proc is not None
         pids = {
             "sockudo": ably._proc.pid,
