@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from worker.devstack.ports import free_port
-from worker.devstack.processes import ChildServer, server_process_options
+from worker.devstack.processes import ChildServer, server_process_options, stop_on_signals
 from worker.devstack.sockudo_install import ensure_installed
 
 DEFAULT_KEY = "dev.local:devsecret"
@@ -212,10 +211,7 @@ class LocalAbly(ChildServer):
 
 
 async def _serve(server: LocalAbly) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with server:
         print(f"local Ably ready: ABLY_ENDPOINT={server.endpoint} ABLY_API_KEY={server.key}",
               flush=True)  # fmt: skip

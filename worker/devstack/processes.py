@@ -7,6 +7,7 @@ without stopping it, so a killed test run leaves no server behind.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import signal
 import subprocess
@@ -97,3 +98,12 @@ class InProcessServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how each devstack command knows to stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

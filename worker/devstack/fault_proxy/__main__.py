@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from worker.devstack.fault_proxy import FaultProxy
+from worker.devstack.processes import stop_on_signals
 
 
 async def _serve(proxy: FaultProxy) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with proxy:
         print(
             f"fault proxy ready: ABLY_ENDPOINT={proxy.endpoint} -> {proxy.upstream} "

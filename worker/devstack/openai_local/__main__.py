@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from worker.devstack.openai_local.options import ServerConfig
 from worker.devstack.openai_local.server import OpenAILocalServer
+from worker.devstack.processes import stop_on_signals
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -46,10 +46,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 async def serve(config: ServerConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     async with OpenAILocalServer(config) as server:
         print(server.base_url, flush=True)
         await stop.wait()
