@@ -337,3 +337,136 @@ async def test_publishing_one_message_id_twice_gives_one_message(
     assert one.serials == two.serials
     history = await ably_rest.channels.get(channel_name).history()
     assert [m.id for m in history.items] == ["job-9:response"]
+
+
+# Repeating a message id with extras. Ably's docs (pub-sub "Idempotent publishing"): an
+# attempt to publish the same message again does not make a duplicate; setting the id
+# yourself keeps a publish idempotent when a publisher instance might be restarted; Ably
+# detects a duplicate only within 2 minutes of the original, after which a message with
+# the same id is treated as a new message. The docs do not say the payload is compared,
+# nor what the repeat's acknowledgement carries.
+# Sockudo: the repeat gets the first message's serial only if a SHA-256 fingerprint of its
+# payload equals the first one's; otherwise it refuses with code 40000, status 400, "Failed
+# to publish message 0: invalid input: message.id was already used with a different
+# payload" (realtime and REST alike), for 300 s (`[idempotency] ttl_seconds` of
+# worker/devstack/ably.py). `extras.headers` is fingerprinted in the random order of a
+# Rust HashMap, so an identical payload with two or more headers is refused most of the
+# time and deduplicated now and then. Either way the worker cannot count on a repeated
+# create giving its serial back: a retry finds the message in history
+# (worker/transport/lookup.py).
+
+REPEATED_ID_REFUSAL = "message.id was already used with a different payload"
+REPEATS = 12
+
+
+def _worker_headers(status: str = "streaming", model: str = "m-1") -> dict[str, Any]:
+    """What the worker's create carries: four headers (contract.Headers.extras())."""
+    headers = {"user": "u1", "responseId": "job-9", "status": status, "model": model}
+    return {"headers": headers}
+
+
+async def _publish_outcome(channel: Any, message: Message) -> str:
+    """The serial the publish got, or "refused" for Sockudo's repeated-id refusal."""
+    try:
+        return str((await channel.publish(message)).serials[0])
+    except AblyException as refused:
+        assert (refused.code, refused.status_code) == (40000, 400)
+        assert REPEATED_ID_REFUSAL in refused.message
+        return "refused"
+
+
+async def test_one_message_id_twice_with_the_same_headers_is_refused_or_gives_one_message(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    first = (await connected(ably_clients())).channels.get(channel_name)
+    second = (await connected(ably_clients())).channels.get(channel_name)
+    create = {"name": "response", "data": "", "id": "job-9:response"}
+    serial = (await first.publish(Message(**create, extras=_worker_headers()))).serials[0]
+
+    outcomes = [
+        await _publish_outcome(second, Message(**create, extras=_worker_headers()))
+        for _ in range(REPEATS)
+    ]
+    assert set(outcomes) <= {serial, "refused"}  # never a second message
+    assert "refused" in outcomes  # the same payload, refused (the header order differs)
+    history = await ably_rest.channels.get(channel_name).history()
+    assert [(m.id, m.serial) for m in history.items] == [("job-9:response", serial)]
+
+    # With one header the fingerprint has one order: every repeat gives the same serial.
+    one = {"headers": {"responseId": "job-10"}}
+    create = {"name": "response", "data": "", "id": "job-10:response", "extras": one}
+    serial = (await first.publish(Message(**create))).serials[0]
+    outcomes = [await _publish_outcome(second, Message(**create)) for _ in range(REPEATS)]
+    assert outcomes == [serial] * REPEATS
+
+
+async def test_one_message_id_twice_with_a_different_payload_is_refused(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    first = (await connected(ably_clients())).channels.get(channel_name)
+    second = (await connected(ably_clients())).channels.get(channel_name)
+    create = {"name": "response", "id": "job-9:response"}
+    serial = (await first.publish(Message(**create, data="", extras=_worker_headers()))).serials[0]
+
+    different = [
+        Message(**create, data="", extras=_worker_headers(model="m-2")),  # other headers
+        Message(**create, data="", extras=_worker_headers(status="interrupted")),
+        Message(**create, data="other text", extras=_worker_headers()),
+        Message(**create, data=""),  # no extras
+    ]
+    for message in different:
+        assert await _publish_outcome(second, message) == "refused"
+    with pytest.raises(AblyException) as refused:  # REST: the same refusal
+        await ably_rest.channels.get(channel_name).publish(different[0])
+    assert (refused.value.code, refused.value.status_code) == (40000, 400)
+    assert REPEATED_ID_REFUSAL in refused.value.message
+
+    history = await ably_rest.channels.get(channel_name).history()
+    assert [(m.serial, m.data, m.extras) for m in history.items] == [
+        (serial, "", _worker_headers())
+    ]
+
+
+async def test_repeating_a_create_after_appends_and_an_update_leaves_the_message(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    """A create repeated after its message grew and was closed: compared with the first
+    create's payload, not the message's current state, and never resets the message."""
+    first = (await connected(ably_clients())).channels.get(channel_name)
+    second = (await connected(ably_clients())).channels.get(channel_name)
+    await first.attach()
+
+    # Without extras: the same serial back, after an append and after an update.
+    bare = {"name": "response", "data": "", "id": "bare:response"}
+    bare_serial = (await first.publish(Message(**bare))).serials[0]
+    await first.append_message(Message(serial=bare_serial, data="hi"))
+    assert await _publish_outcome(second, Message(**bare)) == bare_serial
+    await first.update_message(Message(serial=bare_serial, name="response", data="bye"))
+    assert await _publish_outcome(second, Message(**bare)) == bare_serial
+    assert (await first.get_message(bare_serial)).data == "bye"
+    # (Sockudo then shows its own `sockudo_*` entries in this message's extras.headers,
+    # since it was published without extras; the worker always sends headers.)
+
+    # With the worker's headers: refused or the same serial, as for a fresh message.
+    create = {"name": "response", "data": "", "id": "job-9:response"}
+    serial = (await first.publish(Message(**create, extras=_worker_headers()))).serials[0]
+    await first.append_message(Message(serial=serial, data="hel", extras=_worker_headers()))
+    await first.append_message(Message(serial=serial, data="lo", extras=_worker_headers()))
+    after_appends = [
+        await _publish_outcome(second, Message(**create, extras=_worker_headers()))
+        for _ in range(REPEATS)
+    ]
+    closing = Message(
+        serial=serial, name="response", data="hello", extras=_worker_headers("complete")
+    )
+    await first.update_message(closing)
+    after_update = [
+        await _publish_outcome(second, Message(**create, extras=_worker_headers()))
+        for _ in range(REPEATS)
+    ]
+    assert set(after_appends + after_update) <= {serial, "refused"}
+    assert "refused" in after_appends and "refused" in after_update
+
+    history = await ably_rest.channels.get(channel_name).history()
+    assert [(m.serial, m.data) for m in history.items] == [(serial, "hello"), (bare_serial, "bye")]
+    assert history.items[0].extras == _worker_headers("complete")

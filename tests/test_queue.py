@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from worker.devstack.redis_server import LocalRedis
 from worker.jobs import Job
-from worker.queue import JobState, RedisStreamsQueue
+from worker.queue import RedisStreamsQueue
 from worker.queue.redis_streams import backoff_seconds
 from worker.redis_client import connect_redis
 
@@ -50,8 +50,9 @@ async def test_enqueue_take_complete_leaves_a_completed_record(make_queue: Any) 
     assert (stats.waiting, stats.pending) == (0, 1)
     assert (await queue.status("job-1"))["state"] == "running"
 
-    await queue.complete(delivery)
+    assert await queue.complete(delivery, figures={"output_tokens": 12, "ttft_ms": None})
     record = await queue.status("job-1")
+    assert record["output_tokens"] == "12" and "ttft_ms" not in record
     assert record["state"] == "completed" and record["attempts"] == "1"
     stats = await queue.stats()
     assert (stats.waiting, stats.pending) == (0, 0)
@@ -86,7 +87,7 @@ async def test_job_without_id_keeps_one_id_across_retries(make_queue: Any) -> No
     await queue.ensure_group()
     await queue.redis.xadd(queue.stream, {"job": json.dumps({"channel": "c:1", "input": "hi"})})
     [first] = await queue.take(1, 100)
-    await queue.retry_or_dead_letter(first, "model failed")
+    assert await queue.retry(first, "model failed")
     await asyncio.sleep(0.2)
     assert await queue.promote_due() == 1
     [second] = await queue.take(1, 100)
@@ -103,8 +104,8 @@ async def test_malformed_job_is_delivered_with_its_error_for_the_dead_letters(
     bad, worse = await queue.take(10, 100)
     assert bad.job is None and "channel" in (bad.error or "")
     assert worse.job is None and "not valid JSON" in (worse.error or "")
-    await queue.dead_letter(bad, bad.error or "")
-    await queue.dead_letter(worse, worse.error or "")
+    assert await queue.dead_letter(bad, bad.error or "")
+    assert await queue.dead_letter(worse, worse.error or "")
     letters = await queue.dead_letters()
     assert letters[0]["job_id"] == "bad-1" and "channel" in letters[0]["error"]
     assert letters[1]["job"] == "not json at all"  # the payload is kept as it came
@@ -117,7 +118,7 @@ async def test_retries_back_off_then_dead_letter_after_the_last_attempt(make_que
     await queue.ensure_group()
     await queue.enqueue(job())
     [first] = await queue.take(1, 100)
-    assert await queue.retry_or_dead_letter(first, "HTTP 500") == JobState.RETRYING
+    assert await queue.retry(first, "HTTP 500")
     record = await queue.status("job-1")
     assert record["state"] == "retrying" and record["error"] == "HTTP 500"
     assert (await queue.stats()).delayed == 1
@@ -127,7 +128,7 @@ async def test_retries_back_off_then_dead_letter_after_the_last_attempt(make_que
     assert await queue.promote_due() == 1
     [second] = await queue.take(1, 100)
     assert second.attempt == 2
-    assert await queue.retry_or_dead_letter(second, "HTTP 500 again") == JobState.DEAD
+    assert await queue.dead_letter(second, "HTTP 500 again")
     [letter] = await queue.dead_letters()
     assert (letter["job_id"], letter["error"], letter["attempts"]) == (
         "job-1",
@@ -179,8 +180,8 @@ async def test_requeue_interrupted_does_not_spend_an_attempt(make_queue: Any) ->
     await queue.ensure_group()
     await queue.enqueue(job())
     [first] = await queue.take(1, 100)
-    await queue.set_response_serial("job-1", "serial-abc")
-    await queue.requeue_interrupted(first)
+    assert await queue.set_response_serial(first, "serial-abc")
+    assert await queue.requeue_interrupted(first)
     [second] = await queue.take(1, 100)
     assert second.attempt == 1
     assert second.response_serial == "serial-abc"  # the retry reopens the same message
@@ -193,7 +194,7 @@ async def test_dead_letters_can_be_retried_and_purged(make_queue: Any) -> None:
     await queue.enqueue(job("a"))
     await queue.enqueue(job("b"))
     for delivery in await queue.take(2, 100):
-        await queue.retry_or_dead_letter(delivery, "boom")
+        assert await queue.dead_letter(delivery, "boom")
     assert (await queue.stats()).dead == 2
     first = (await queue.dead_letters())[0]["entry_id"]
     assert await queue.retry_dead([first]) == 1
@@ -274,3 +275,50 @@ async def test_a_refused_password_is_not_retried_like_a_restart() -> None:
             await admin.aclose()
             await wrong.aclose()
     assert after - before == 1
+
+
+async def test_a_stale_owners_transitions_are_refused_and_change_nothing(make_queue: Any) -> None:
+    """Fencing: once another worker has reclaimed a job, every transition of its old
+    owner is refused (False) and leaves the record, the stream and the sets as they were."""
+    stale = make_queue("stale", heartbeat_ttl_s=1)
+    live = make_queue("live", heartbeat_ttl_s=1)
+    await stale.ensure_group()
+    await stale.enqueue(job())
+    await stale.heartbeat({})
+    [old] = await stale.take(1, 100)
+    await asyncio.sleep(1.2)  # the stale worker's heartbeat expires (frozen, partitioned)
+    await live.heartbeat({})
+    [new] = await live.reclaim()
+    before = await live.status("job-1")
+
+    assert not await stale.set_response_serial(old, "serial-of-the-stale-one")
+    assert not await stale.complete(old, figures={"output_tokens": 1})
+    assert not await stale.retry(old, "stale retry")
+    assert not await stale.dead_letter(old, "stale dead letter")
+    assert not await stale.requeue_interrupted(old)
+    assert not await stale.owns(old)
+    assert await live.status("job-1") == before
+    stats = await live.stats()
+    assert (stats.waiting, stats.pending, stats.delayed, stats.dead) == (0, 1, 0, 0)
+
+    assert await live.owns(new)
+    assert await live.complete(new)
+    assert (await live.status("job-1"))["state"] == "completed"
+
+
+async def test_a_finished_record_is_never_moved_back(make_queue: Any) -> None:
+    queue = make_queue()
+    await queue.ensure_group()
+    await queue.enqueue(job())
+    [delivery] = await queue.take(1, 100)
+    assert await queue.complete(delivery)
+    # A late second transition for the same delivery (a duplicate task, a retried call).
+    assert not await queue.retry(delivery, "late")
+    assert not await queue.requeue_interrupted(delivery)
+    assert not await queue.dead_letter(delivery, "late")
+    # Even a stray id in the delayed set is not promoted over a finished record.
+    await queue.redis.zadd(queue.delayed, {"job-1": 0})
+    await queue.promote_due()
+    assert (await queue.status("job-1"))["state"] == "completed"
+    stats = await queue.stats()
+    assert (stats.waiting, stats.pending, stats.dead) == (0, 0, 0)

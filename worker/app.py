@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import threading
 import uuid
 from typing import Any
 
@@ -14,7 +17,7 @@ from worker.logs import get_logger
 from worker.model import Model, make_client
 from worker.queue import RedisStreamsQueue
 from worker.redis_client import connect_redis
-from worker.runtime import RuntimeOptions, Worker
+from worker.runtime import RuntimeOptions, ShutdownBudget, Worker
 from worker.settings import RedisSettings, Settings
 from worker.transport.client import realtime_client
 from worker.transport.pool import ConnectionPool
@@ -91,8 +94,11 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
-        log.info("worker.signal", signal=sig.name, draining=stop.is_set())
+        # Stop first, log after: nothing that happens to the log stream may keep the
+        # worker from draining.
+        draining = stop.is_set()
         stop.set()
+        log.info("worker.signal", signal=sig.name, draining=draining)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -132,7 +138,7 @@ async def serve(
         options = RuntimeOptions(
             concurrency=settings.worker_concurrency,
             worker_id=settings.worker_id,
-            grace_s=settings.shutdown_grace_seconds,
+            budget=ShutdownBudget(grace_s=settings.shutdown_grace_seconds),
             presence_channel=settings.presence_channel,
             heartbeat_interval_s=settings.job_visibility_timeout_seconds / 3,
             reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
@@ -140,7 +146,43 @@ async def serve(
         )
         log.info("worker.connections", ably_connections=len(pool.clients),
                  streams_per_connection=settings.streams_per_connection)  # fmt: skip
-        await Worker(queue, runner, pool, options).run(stop)
+        # Only in a process of its own (`run` installs the signal handlers), never in a
+        # test's process.
+        overrun = asyncio.create_task(_exit_if_overrun(stop, options.budget, handle_signals))
+        try:
+            await Worker(queue, runner, pool, options).run(stop)
+        finally:
+            overrun.cancel()
     finally:
-        await pool.close()
-        await queue.redis.aclose()
+        await _close_quietly(pool.close(), CLOSE_TIMEOUT_S)
+        await _close_quietly(queue.redis.aclose(), CLOSE_TIMEOUT_S)
+
+
+CLOSE_TIMEOUT_S = 1.0
+
+
+async def _close_quietly(closing: Any, timeout_s: float) -> None:
+    """Closing a connection is bounded: the shutdown budget has no room for a hang."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closing, timeout_s)
+
+
+async def _exit_if_overrun(stop: asyncio.Event, budget: ShutdownBudget, armed: bool) -> None:
+    """The last resort of the shutdown budget: should anything hang past it (even the
+    event loop itself), exit anyway before Heroku's SIGKILL. A thread keeps the time, so
+    a blocked loop cannot stop it; jobs still held are reclaimed once the heartbeat
+    expires."""
+    await stop.wait()
+    if not armed:
+        return
+    # A daemon thread, never cancelled: it covers the connections' closing and the
+    # interpreter's exit too, and dies with the process when all goes well.
+    timer = threading.Timer(budget.total_s, _overrun, args=(budget.total_s,))
+    timer.daemon = True
+    timer.start()
+
+
+def _overrun(budget_s: float) -> None:
+    with contextlib.suppress(Exception):
+        log.error("worker.shutdown_overrun", budget_s=budget_s)
+    os._exit(1)

@@ -30,9 +30,17 @@ class _RetryExceptAuth(Retry):
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
+# Above the longest blocking read the worker makes (XREADGROUP BLOCK 1000 ms), so only a
+# call that hangs (a stalled server, a half-open connection) runs into it.
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
+
+
 def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
     options: dict[str, Any] = {
         "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "health_check_interval": 15,
         "socket_keepalive": True,
         "retry": _RetryExceptAuth(ExponentialBackoff(cap=2.0, base=0.05), retries),

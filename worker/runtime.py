@@ -1,11 +1,16 @@
 """The daemon: slots, housekeeping, cancellation, signals and the graceful drain.
 
 `Worker.run(stop)` takes jobs while it has free slots, runs each in its own task, and
-keeps named housekeeping coroutines going beside them (heartbeat, reclaim, promote due
-retries, stats). When `stop` is set (SIGTERM, SIGINT) it drains: no new jobs, in-flight
-ones get `SHUTDOWN_GRACE_SECONDS` to finish, the rest are closed as `interrupted` and
-requeued, presence is left, and `run` returns. Nothing else ends it: a failing
-housekeeping step is logged and tried again.
+keeps named housekeeping coroutines going beside them (heartbeat, lease watch, reclaim,
+promote due retries, stats). When `stop` is set (SIGTERM, SIGINT) it drains inside its
+`ShutdownBudget`: no take, no reclaim, no promote; in-flight jobs get the grace period
+to finish, the rest are closed as `interrupted` and requeued, presence is left, and
+`run` returns. Nothing else ends it: a failing housekeeping step is logged and tried
+again.
+
+The heartbeat renews this process's lease on its jobs (`worker.lease`). A lease that
+lapses (Redis unreachable or hung, the process frozen) abandons every running job at
+once: its publisher stops sending, and the queue's fence refuses its transitions.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any
 
 from worker import __version__
 from worker.job_runner import JobControl, JobRunner, StopReason
+from worker.lease import ProcessLease
 from worker.logs import bind_job, get_logger
-from worker.queue import Delivery, RedisStreamsQueue
+from worker.queue import Delivery, Queue
 from worker.transport import contract
 from worker.transport.pool import ConnectionPool
 from worker.transport.presence import AgentPresence
@@ -28,12 +34,26 @@ from worker.transport.presence import AgentPresence
 log = get_logger("worker")
 
 
+@dataclass(frozen=True)
+class ShutdownBudget:
+    """The whole shutdown, from the first SIGTERM to exit, in one place. Heroku sends
+    SIGKILL 30 s after its first SIGTERM: with the defaults this worker is gone by 28 s."""
+
+    grace_s: float = 22.0  # in-flight answers may finish (SHUTDOWN_GRACE_SECONDS)
+    closing_s: float = 4.0  # the rest are closed `interrupted` and requeued
+    leaving_s: float = 2.0  # presence and queue left, connections closed
+
+    @property
+    def total_s(self) -> float:
+        return self.grace_s + self.closing_s + self.leaving_s
+
+
 @dataclass
 class RuntimeOptions:
     concurrency: int
     worker_id: str
-    grace_s: float
     presence_channel: str
+    budget: ShutdownBudget = field(default_factory=ShutdownBudget)
     heartbeat_interval_s: float = 5.0
     reclaim_interval_s: float = 5.0
     promote_interval_s: float = 0.5
@@ -51,12 +71,15 @@ class Running:
 class Worker:
     def __init__(
         self,
-        queue: RedisStreamsQueue,
+        queue: Queue,
         runner: JobRunner,
         pool: ConnectionPool,
         options: RuntimeOptions,
+        *,
+        lease: ProcessLease | None = None,
     ) -> None:
         self.queue = queue
+        self.lease = lease or ProcessLease(queue.heartbeat_ttl_s)
         self.runner = runner
         self.pool = pool
         self.options = options
@@ -66,31 +89,43 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self.presence: AgentPresence | None = None
         self.started = time.monotonic()
-        self._last_beat = time.monotonic()
 
     # -- the main loop -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.queue.ensure_group()
-        await self.queue.heartbeat(self._heartbeat_info())
+        await self._heartbeat()
         await self._enter_presence()
         log.info("worker.started", worker_id=self.options.worker_id, consumer=self.queue.consumer,
                  concurrency=self.options.concurrency, version=__version__)  # fmt: skip
         every = self.options
-        housekeeping = [
+        # Kept up until the end: the drain's jobs still need their lease.
+        upkeep = [
             asyncio.create_task(self._every(every.heartbeat_interval_s, self._heartbeat)),
-            asyncio.create_task(self._every(every.reclaim_interval_s, self._reclaim)),
-            asyncio.create_task(self._every(every.promote_interval_s, self._promote)),
+            asyncio.create_task(self._watch_lease()),
             asyncio.create_task(self._every(every.stats_interval_s, self._stats)),
+        ]
+        # Stopped with the take loop: nothing new starts once the drain has begun.
+        taking = [
+            asyncio.create_task(self._every(every.reclaim_interval_s, self._reclaim, stop)),
+            asyncio.create_task(self._every(every.promote_interval_s, self._promote, stop)),
         ]
         try:
             await self._take_until(stop)
+            await self._stop_all(taking, wait_s=1.0)
             await self._drain()
         finally:
-            for task in housekeeping:
-                task.cancel()
-            await asyncio.gather(*housekeeping, return_exceptions=True)
+            await self._stop_all(taking + upkeep, wait_s=0)
             await self._leave()
+
+    @staticmethod
+    async def _stop_all(tasks: list[asyncio.Task[None]], wait_s: float) -> None:
+        """Let the tasks finish the step they are in (up to `wait_s`), then cancel them."""
+        if wait_s > 0:
+            await asyncio.wait(tasks, timeout=wait_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _take_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -136,7 +171,8 @@ class Worker:
     # -- one job ------------------------------------------------------------------------
 
     def _start(self, delivery: Delivery) -> None:
-        running = Running(delivery, asyncio.create_task(self._run_job(delivery)))
+        control = JobControl(alive=self.lease.valid)
+        running = Running(delivery, asyncio.create_task(self._run_job(delivery)), control)
         # The task may already be gone if it had nothing to await; keep it only if not.
         self.running[delivery.job_id] = running
         running.task.add_done_callback(lambda _task: self._finished(delivery.job_id))
@@ -225,32 +261,46 @@ class Worker:
     # -- draining -----------------------------------------------------------------------
 
     async def _drain(self) -> None:
+        budget = self.options.budget
         in_flight = list(self.running.values())
-        log.info("worker.draining", in_flight=len(in_flight), grace_s=self.options.grace_s)
+        log.info("worker.draining", in_flight=len(in_flight), grace_s=budget.grace_s)
         if not in_flight:
             return
-        _, late = await asyncio.wait([r.task for r in in_flight], timeout=self.options.grace_s)
+        _, late = await asyncio.wait([r.task for r in in_flight], timeout=budget.grace_s)
         for running in in_flight:
             if running.task in late:
                 self._stop_job(running, StopReason.SHUTDOWN)
         if late:
             # Closing a message and requeueing takes a round trip or two; bounded anyway.
-            await asyncio.wait(late, timeout=5.0)
+            await asyncio.wait(late, timeout=budget.closing_s)
         log.info("worker.drained", finished=len(in_flight) - len(late), interrupted=len(late))
 
     async def _leave(self) -> None:
+        half = self.options.budget.leaving_s / 2
         if self.presence is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.presence.leave(), 5.0)
+                await asyncio.wait_for(self.presence.leave(), half)
         with contextlib.suppress(Exception):
-            await self.queue.leave()
+            await asyncio.wait_for(self.queue.leave(), half)
         log.info("worker.stopped", uptime_s=round(time.monotonic() - self.started, 1))
 
     # -- housekeeping -------------------------------------------------------------------
 
-    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        self,
+        interval_s: float,
+        step: Callable[[], Awaitable[None]],
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """Run `step` every `interval_s` until `until` is set (never mid-step)."""
         while True:
-            await asyncio.sleep(interval_s)
+            if until is None:
+                await asyncio.sleep(interval_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(until.wait(), interval_s)
+                if until.is_set():
+                    return
             try:
                 await step()
             except Exception as exc:
@@ -261,18 +311,30 @@ class Worker:
                 "in_flight": len(self.running), "version": __version__}  # fmt: skip
 
     async def _heartbeat(self) -> None:
-        try:
-            await self.queue.heartbeat(self._heartbeat_info())
-        finally:
-            # Checked whether the renewal failed or only came late (the Redis client
-            # retries): past the TTL our key lapsed, and a live worker may already be
-            # running our jobs. Stop touching them; reclaim or our orphan check decides
-            # who finishes each.
-            if time.monotonic() - self._last_beat > self.queue.heartbeat_ttl_s and self.running:
-                log.error("worker.heartbeat_lost", abandoned=len(self.running))
-                for running in list(self.running.values()):
-                    self._stop_job(running, StopReason.HEARTBEAT_LOST)
-        self._last_beat = time.monotonic()
+        sent = self.lease.clock()
+        # Lapsed since the last renewal (Redis away, the process frozen): our key may have
+        # expired and a live worker may run our jobs already. Whatever this renewal does,
+        # those jobs are not ours to touch any more; reclaim or our orphan check decides.
+        self._abandon_if_lapsed()
+        await self.queue.heartbeat(self._heartbeat_info())
+        self.lease.renewed(sent)
+
+    async def _watch_lease(self) -> None:
+        """The lease check on its own timer: a renewal that hangs cannot hide a lapse."""
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, self.lease.remaining_s())))
+            self._abandon_if_lapsed()
+
+    def _abandon_if_lapsed(self) -> None:
+        if self.lease.valid():
+            return
+        lost = [r for r in self.running.values() if r.control.reason is None]
+        if lost:
+            log.error("worker.heartbeat_lost", abandoned=len(lost))
+        for running in lost:
+            running.control.reason = StopReason.HEARTBEAT_LOST
+            if not running.control.finishing:  # a finishing job's sends and fence refuse
+                running.task.cancel()
 
     async def _reclaim(self) -> None:
         free = self.options.concurrency - len(self.running)

@@ -65,7 +65,8 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local record = ARGV[2] .. id
   local payload = redis.call('HGET', record, 'payload')
-  if payload then
+  -- Only a job still waiting out its backoff: a finished record never moves back.
+  if payload and redis.call('HGET', record, 'state') == 'retrying' then
     local entry = redis.call('XADD', KEYS[2], '*', 'job', payload)
     redis.call('HSET', record, 'state', 'queued', 'entry', entry)
   end
@@ -73,15 +74,88 @@ end
 return #ids
 """
 
+# Fencing: every transition that ends or hands back a job first checks, in the same
+# atomic step, that the job is still this consumer's at this entry and attempt: the entry
+# is pending under this consumer (XCLAIM by a reclaimer moves it) and the record still
+# says `running` at this entry and attempt. A stale owner's transition changes nothing
+# and returns 0. KEYS[1] record, KEYS[2] stream; ARGV[1] group, ARGV[2] entry,
+# ARGV[3] consumer, ARGV[4] attempt; the script's own arguments follow from ARGV[5].
+_OWNED = """
+local function owned()
+  local p = redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[2], ARGV[2], 1)
+  if #p == 0 or p[1][2] ~= ARGV[3] then return false end
+  local r = redis.call('HMGET', KEYS[1], 'entry', 'attempts', 'state')
+  return r[1] == ARGV[2] and tonumber(r[2]) == tonumber(ARGV[4]) and r[3] == 'running'
+end
+local function done_with_entry()
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+end
+"""
+
+_OWNS = _OWNED + "return owned() and 1 or 0"
+
+# ARGV[5] response serial.
+_SET_SERIAL = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+redis.call('HSET', KEYS[1], 'response_serial', ARGV[5])
+return 1
+"""
+)
+
+# ARGV[5] final state, ARGV[6] finished_at, ARGV[7..] field, value pairs (the figures).
+_COMPLETE = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[6])
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+done_with_entry()
+return 1
+"""
+)
+
+# KEYS[3] delayed set; ARGV[5] job id, ARGV[6] due (ms), ARGV[7] error.
+_RETRY = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'retrying', 'error', ARGV[7], 'next_attempt_at', ARGV[6])
+done_with_entry()
+return 1
+"""
+)
+
+# KEYS[3] dead stream; ARGV[5] job id, ARGV[6] error, ARGV[7] now (ms).
+_DEAD_LETTER = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+local payload = redis.call('HGET', KEYS[1], 'payload') or ''
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[5], 'job', payload, 'error', ARGV[6],
+           'attempts', ARGV[4], 'worker', ARGV[3], 'failed_at', ARGV[7])
+redis.call('HSET', KEYS[1], 'state', 'dead', 'error', ARGV[6], 'finished_at', ARGV[7])
+done_with_entry()
+return 1
+"""
+)
+
 # Puts an interrupted job back at the end of the stream without spending an attempt.
-_REQUEUE = """
-local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+_REQUEUE = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+local payload = redis.call('HGET', KEYS[1], 'payload') or ''
+local entry = redis.call('XADD', KEYS[2], '*', 'job', payload)
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry)
-redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
-redis.call('XDEL', KEYS[2], ARGV[3])
-return entry
+done_with_entry()
+return 1
 """
+)
 
 
 # Puts a dead-lettered job back: a fresh record (attempts from zero) and a new entry.
@@ -137,6 +211,11 @@ class RedisStreamsQueue:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._take = redis.register_script(_TAKE)
         self._promote = redis.register_script(_PROMOTE)
+        self._owns = redis.register_script(_OWNS)
+        self._set_serial = redis.register_script(_SET_SERIAL)
+        self._complete = redis.register_script(_COMPLETE)
+        self._retry = redis.register_script(_RETRY)
+        self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._requeue = redis.register_script(_REQUEUE)
         self._retry_dead = redis.register_script(_RETRY_DEAD)
 
@@ -243,64 +322,53 @@ class RedisStreamsQueue:
             return dataclasses.replace(delivery, job=None, error=reason)
         return delivery
 
-    async def set_response_serial(self, job_id: str, serial: str) -> None:
-        await self.redis.hset(self.record_key(job_id), "response_serial", serial)
+    # -- fenced transitions -------------------------------------------------------------
+    # Each returns True when applied, False when refused because the job is no longer this
+    # consumer's at this entry and attempt (reclaimed by another worker, or finished).
 
-    async def record(self, job_id: str, **fields: Any) -> None:
-        """Add figures or facts to the job record (timings, tokens, error)."""
-        if fields:
-            mapping = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-            await self.redis.hset(self.record_key(job_id), mapping=mapping)
+    async def _fenced(
+        self, script: Any, delivery: Delivery, *args: str | int, keys: tuple[str, ...] = ()
+    ) -> bool:
+        fence: list[str | int] = [GROUP, delivery.entry_id, self.consumer, delivery.attempt]
+        record = self.record_key(delivery.job_id)
+        return bool(await script(keys=[record, self.stream, *keys], args=[*fence, *args]))
 
-    # -- finishing --------------------------------------------------------------------
+    async def owns(self, delivery: Delivery) -> bool:
+        """Is this job still ours (checked before a message is closed)?"""
+        return await self._fenced(self._owns, delivery)
 
-    async def complete(self, delivery: Delivery, state: JobState = JobState.COMPLETED) -> None:
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(
-                self.record_key(delivery.job_id), mapping={"state": state, "finished_at": now_ms()}
-            )
-            tx.xack(self.stream, GROUP, delivery.entry_id)
-            tx.xdel(self.stream, delivery.entry_id)
-            await tx.execute()
+    async def set_response_serial(self, delivery: Delivery, serial: str) -> bool:
+        return await self._fenced(self._set_serial, delivery, serial)
 
-    async def retry_or_dead_letter(self, delivery: Delivery, error: str) -> JobState:
-        """Schedule the next attempt with backoff, or dead-letter after the last one."""
-        if delivery.attempt >= self.max_attempts or delivery.job is None:
-            await self.dead_letter(delivery, error)
-            return JobState.DEAD
+    async def complete(
+        self,
+        delivery: Delivery,
+        state: JobState = JobState.COMPLETED,
+        figures: dict[str, Any] | None = None,
+    ) -> bool:
+        """Finish the job (completed or cancelled) and record its figures, in one step."""
+        pairs: list[str | int] = []
+        for name, value in (figures or {}).items():
+            if value is not None:
+                pairs += [name, value if isinstance(value, str) else json.dumps(value)]
+        return await self._fenced(self._complete, delivery, str(state), now_ms(), *pairs)
+
+    async def retry(self, delivery: Delivery, error: str) -> bool:
+        """Schedule the next attempt after a backoff (the runner decided it is not the last)."""
         delay = backoff_seconds(delivery.attempt, self.backoff_base_s, self.backoff_cap_s)
         due = now_ms() + int(delay * 1000)
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.zadd(self.delayed, {delivery.job_id: due})
-            tx.hset(
-                self.record_key(delivery.job_id),
-                mapping={"state": JobState.RETRYING, "error": error, "next_attempt_at": due},
-            )
-            tx.xack(self.stream, GROUP, delivery.entry_id)
-            tx.xdel(self.stream, delivery.entry_id)
-            await tx.execute()
-        return JobState.RETRYING
+        return await self._fenced(
+            self._retry, delivery, delivery.job_id, due, error, keys=(self.delayed,)
+        )
 
-    async def dead_letter(self, delivery: Delivery, error: str) -> None:
-        record = self.record_key(delivery.job_id)
-        payload = await self.redis.hget(record, "payload") or ""
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.xadd(self.dead, {
-                "job_id": delivery.job_id, "job": payload, "error": error,
-                "attempts": delivery.attempt, "worker": self.consumer, "failed_at": now_ms(),
-            })  # fmt: skip
-            tx.hset(
-                record, mapping={"state": JobState.DEAD, "error": error, "finished_at": now_ms()}
-            )
-            tx.xack(self.stream, GROUP, delivery.entry_id)
-            tx.xdel(self.stream, delivery.entry_id)
-            await tx.execute()
+    async def dead_letter(self, delivery: Delivery, error: str) -> bool:
+        return await self._fenced(
+            self._dead_letter, delivery, delivery.job_id, error, now_ms(), keys=(self.dead,)
+        )
 
-    async def requeue_interrupted(self, delivery: Delivery) -> None:
+    async def requeue_interrupted(self, delivery: Delivery) -> bool:
         """Give a job this worker could not finish (shutdown) straight back to the queue."""
-        record = self.record_key(delivery.job_id)
-        payload = await self.redis.hget(record, "payload") or ""
-        await self._requeue(keys=[record, self.stream], args=[payload, GROUP, delivery.entry_id])
+        return await self._fenced(self._requeue, delivery)
 
     async def promote_due(self) -> int:
         """Move retries whose backoff has passed back into the stream; returns how many."""

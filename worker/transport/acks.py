@@ -18,8 +18,9 @@ ACK_TIMEOUT_S = 15.0
 T = TypeVar("T")
 
 
-class AckTimeout(TimeoutError):
-    """Ably did not acknowledge in time."""
+class AckTimeout(Exception):
+    """Ably did not acknowledge in time. Deliberately not a `TimeoutError`: the runner
+    reads `TimeoutError` as the job's own deadline, and a 15 s wait for one ack is not."""
 
 
 async def acked(operation: Awaitable[T], what: str, timeout_s: float | None = None) -> T:

@@ -114,3 +114,12 @@ def header(message: Any, name: str) -> str | None:
 def cancel_target(message: Any) -> str | None:
     """The responseId a `cancel` message asks to stop, or None if it is not one."""
     return header(message, "responseId") if getattr(message, "name", None) == CANCEL else None
+
+
+def is_used_message_id(error: Any) -> bool:
+    """A publish refused because its message id was already used (Sockudo: 40000
+    "message.id was already used with a different payload"): the create of an earlier
+    attempt of the same response went out."""
+    code = getattr(error, "code", None)
+    text = str(getattr(error, "message", "") or error).lower()
+    return code == 40000 and "already used" in text

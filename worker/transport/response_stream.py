@@ -8,42 +8,30 @@ and the full text, so a client that missed a fragment converges too. (Not a clos
 append with empty data: Sockudo refuses those.) An answer too long to resend whole inside
 Ably's 64 KiB message limit is closed with an update of its headers alone, which leaves
 the text as the appends built it.
+
+A retry finds the earlier attempt's message (by the serial it saved, or else by its
+message id and `responseId` in the channel's history, when the attempt died before
+saving it): one closed complete or cancelled is left alone, any other is reopened.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from worker.transport import contract
+from ably import AblyException
+
+from worker.transport import contract, lookup
 from worker.transport.acks import acked, settle
 from worker.transport.contract import Headers, Status
+from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
 T = TypeVar("T")
 
 # Room for the headers and the protocol envelope inside Ably's 64 KiB message limit.
 MAX_RESEND_BYTES = 60_000
-
-
-class Pacer(Protocol):
-    """The connection's say in when this answer may send (`transport.pool.Lease`)."""
-
-    def min_interval_s(self) -> float: ...
-    def reserve(self) -> float: ...
-
-
-class Unpaced:
-    """No budget: appends at most once per rollup window, everything else at once."""
-
-    def __init__(self, interval_s: float = 0.04) -> None:
-        self.interval_s = interval_s
-
-    def min_interval_s(self) -> float:
-        return self.interval_s
-
-    def reserve(self) -> float:
-        return 0.0
+FINISHED = (Status.COMPLETE, Status.CANCELLED)
 
 
 class ResponseStream:
@@ -55,10 +43,18 @@ class ResponseStream:
     drops ACKs past 32 queued on one connection, and ably-python then mis-attributes
     serials)."""
 
-    def __init__(self, channel: Any, headers: Headers, pacer: Pacer | None = None) -> None:
+    def __init__(
+        self,
+        channel: Any,
+        headers: Headers,
+        pacer: Pacer | None = None,
+        alive: Alive = always_alive,
+    ) -> None:
         self.channel = channel
         self.headers = headers
         self.pacer = pacer or Unpaced()
+        self.alive = alive
+        self.aborted = False
         self.serial: str | None = None
         self.text = ""
         self.deltas = 0  # model deltas received
@@ -68,25 +64,64 @@ class ResponseStream:
         self._timer: asyncio.TimerHandle | None = None
         self._pending: list[asyncio.Task[Any]] = []
 
+    def _may_send(self) -> bool:
+        if self.aborted:
+            return False
+        if not self.alive():
+            self.abort()
+            return False
+        return True
+
     async def _paced(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """An awaited send (create, reopen, close), after its token."""
         await asyncio.sleep(self.pacer.reserve())
+        if not self._may_send():
+            raise Abandoned(f"not sending {what}: the job is no longer this worker's")
         return await acked(operation(), what)
 
-    async def open(self, serial: str | None = None) -> str:
+    async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         """Start the message, or reopen the one an earlier attempt started (emptied, so the
-        retry's text replaces the old one rather than following it)."""
-        if serial:
-            reset = contract.response_replace(serial, "", self.headers)
+        retry's text replaces the old one rather than following it). Returns the status of
+        an earlier attempt's message that is already finished, which is then left alone."""
+        found = await self._earlier(serial) if resuming or serial else None
+        if found is None:
+            found = await self._create()
+        if found is not None and found.status in FINISHED:
+            self.serial = found.serial
+            return Status(found.status)
+        if found is not None:
+            reset = contract.response_replace(found.serial, "", self.headers)
             await self._paced(lambda: self.channel.update_message(reset), "the reopening update")
-            self.serial = serial
-        else:
-            # The create carries a fixed message id: if its ack was lost and the job runs
-            # again, Ably's idempotent publish returns the same message, not a second one.
-            create = contract.response_create(self.headers)
+            self.serial = found.serial
+        return None
+
+    async def _earlier(self, serial: str | None) -> lookup.FoundResponse | None:
+        if serial:
+            return await lookup.response_state(self.channel, serial) or lookup.FoundResponse(
+                serial=serial, status=None, text="", headers={}
+            )
+        return await lookup.find_response(self.channel, self.headers.response_id)
+
+    async def _create(self) -> lookup.FoundResponse | None:
+        """Publish the create; None when it made the message (`self.serial` is set).
+
+        The create carries a fixed message id. If an earlier attempt's create went out but
+        its serial was never saved (the worker died in between), Ably's idempotent publish
+        returns that message, or (Sockudo, when the message has extras) refuses the id as
+        used: then the earlier message is found in the channel's history and reopened.
+        """
+        create = contract.response_create(self.headers)
+        try:
             result = await self._paced(lambda: self.channel.publish(create), "the create")
-            self.serial = str(result.serials[0])
-        return self.serial
+        except AblyException as exc:
+            if not contract.is_used_message_id(exc):
+                raise
+            found = await lookup.find_response(self.channel, self.headers.response_id)
+            if found is None:
+                raise
+            return found
+        self.serial = str(result.serials[0])
+        return None
 
     def append(self, delta: str) -> None:
         """Take one delta; returns at once (sends happen in their own tasks, in order)."""
@@ -111,7 +146,7 @@ class ResponseStream:
 
     def _send_buffer(self) -> None:
         self._timer = None
-        if not self._buffer or self.serial is None:
+        if not self._buffer or self.serial is None or not self._may_send():
             return
         message = contract.response_append(self.serial, self._buffer, self.headers)
         self._buffer = ""
@@ -129,6 +164,17 @@ class ResponseStream:
             self._send_buffer()
         pending, self._pending = self._pending, []
         return await settle(pending)
+
+    def abort(self) -> None:
+        """Stop at once: drop what is coalescing, cancel the appends in flight."""
+        self.aborted = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer = ""
+        for task in self._pending:
+            task.cancel()
+        self._pending = []
 
     async def close(self, status: Status, error: str | None = None) -> int:
         """Flush the appends, then mark the end with the full text. Returns failed appends."""

@@ -12,7 +12,7 @@ from typing import Any
 from worker.transport import contract
 from worker.transport.acks import acked, settle
 from worker.transport.contract import Headers, Status
-from worker.transport.response_stream import Pacer, Unpaced
+from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
 
 class TokenStream:
@@ -20,28 +20,44 @@ class TokenStream:
     past it, tokens wait their turn (in order) rather than being refused by Ably."""
 
     def __init__(
-        self, channel: Any, headers: Headers, attempt: int = 1, pacer: Pacer | None = None
+        self,
+        channel: Any,
+        headers: Headers,
+        attempt: int = 1,
+        pacer: Pacer | None = None,
+        alive: Alive = always_alive,
     ) -> None:
         self.channel = channel
         self.headers = headers
         self.attempt = attempt
         self.pacer = pacer or Unpaced()
+        self.alive = alive
+        self.aborted = False
         self.serial: str | None = None
         self.text = ""
         self.deltas = 0
         self.appends = 0
         self._pending: list[asyncio.Task[Any]] = []
 
-    async def open(self, serial: str | None = None) -> str:
+    def _check(self, what: str) -> None:
+        if self.aborted or not self.alive():
+            self.abort()
+            raise Abandoned(f"not sending {what}: the job is no longer this worker's")
+
+    async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         """Publish `start`. A retry starts again (`start` tells clients to reset)."""
         start = contract.token_start(self.headers, self.attempt)
         await asyncio.sleep(self.pacer.reserve())
+        self._check("the start message")
         result = await acked(self.channel.publish(start), "the start message")
         self.serial = str(result.serials[0])
-        return self.serial
+        return None
 
     def append(self, delta: str) -> None:
-        if not delta:
+        if not delta or self.aborted:
+            return
+        if not self.alive():
+            self.abort()
             return
         self.text += delta
         self.deltas += 1
@@ -53,12 +69,20 @@ class TokenStream:
     async def _publish_after(self, wait: float, message: Any) -> Any:
         if wait > 0:
             await asyncio.sleep(wait)
+        self._check("a token")
         return await self.channel.publish(message)
+
+    def abort(self) -> None:
+        self.aborted = True
+        for task in self._pending:
+            task.cancel()
+        self._pending = []
 
     async def close(self, status: Status, error: str | None = None) -> int:
         pending, self._pending = self._pending, []
         failures = await settle(pending)
         self.headers = self.headers.with_status(status, error)
         await asyncio.sleep(self.pacer.reserve())
+        self._check("the stop message")
         await acked(self.channel.publish(contract.token_stop(self.text, self.headers)), "stop")
         return len(failures)
