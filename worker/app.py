@@ -154,17 +154,10 @@ async def serve(
         finally:
             overrun.cancel()
     finally:
-        await _close_quietly(pool.close(), CLOSE_TIMEOUT_S)
-        await _close_quietly(queue.redis.aclose(), CLOSE_TIMEOUT_S)
-
-
-CLOSE_TIMEOUT_S = 1.0
-
-
-async def _close_quietly(closing: Any, timeout_s: float) -> None:
-    """Closing a connection is bounded: the shutdown budget has no room for a hang."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(closing, timeout_s)
+        # Bounded together: the shutdown budget has no room for a hang.
+        closing = asyncio.gather(pool.close(), queue.redis.aclose(), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(closing, ShutdownBudget().step_s)
 
 
 async def _exit_if_overrun(stop: asyncio.Event, budget: ShutdownBudget, armed: bool) -> None:

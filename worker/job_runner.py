@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,11 +166,22 @@ class Figures:
         }
 
 
+MakePublisher = Callable[[Job, Delivery, Lease, Alive], Publisher]
+
+
 class JobRunner:
-    def __init__(self, queue: Queue, model: Model, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        model: Model,
+        *,
+        timeout_s: float,
+        make_publisher: MakePublisher | None = None,
+    ) -> None:
         self.queue = queue
         self.model = model
         self.timeout_s = timeout_s
+        self.make_publisher = make_publisher or self.channel_publisher
 
     async def run(
         self, delivery: Delivery, lease: Lease, control: JobControl | None = None
@@ -183,21 +195,22 @@ class JobRunner:
         job = delivery.job
         log.info("job.received", attempt=delivery.attempt, reclaimed=delivery.reclaimed,
                  pattern=str(job.pattern), model=self.model.model_for(job))  # fmt: skip
-        publisher = self.publisher_for(job, delivery, lease, control)
-        ending = await self._attempt(delivery, job, publisher, figures, control)
-        return await self._conclude(delivery, publisher, figures, ending, control)
-
-    def publisher_for(
-        self, job: Job, delivery: Delivery, lease: Lease, control: JobControl
-    ) -> Publisher:
-        headers = Headers(
-            response_id=job.id, model=self.model.model_for(job), metadata=job.metadata
-        )
-        channel = lease.client.channels.get(job.channel)
 
         def alive() -> bool:
             return control.reason is not StopReason.HEARTBEAT_LOST and control.alive()
 
+        publisher = self.make_publisher(job, delivery, lease, alive)
+        ending = await self._attempt(delivery, job, publisher, figures, control)
+        return await self._conclude(delivery, publisher, figures, ending, control)
+
+    def channel_publisher(
+        self, job: Job, delivery: Delivery, lease: Lease, alive: Alive
+    ) -> Publisher:
+        """The job's pattern's publisher on its Ably channel, paced by the lease."""
+        headers = Headers(
+            response_id=job.id, model=self.model.model_for(job), metadata=job.metadata
+        )
+        channel = lease.client.channels.get(job.channel)
         if job.pattern == Pattern.MESSAGE_PER_TOKEN:
             return TokenStream(channel, headers, delivery.attempt, lease, alive)
         return ResponseStream(channel, headers, lease, alive)

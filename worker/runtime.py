@@ -37,15 +37,17 @@ log = get_logger("worker")
 @dataclass(frozen=True)
 class ShutdownBudget:
     """The whole shutdown, from the first SIGTERM to exit, in one place. Heroku sends
-    SIGKILL 30 s after its first SIGTERM: with the defaults this worker is gone by 28 s."""
+    SIGKILL 30 s after its first SIGTERM: with the defaults this worker is gone by 28 s,
+    and should anything hang past that, `app` exits the process anyway."""
 
-    grace_s: float = 22.0  # in-flight answers may finish (SHUTDOWN_GRACE_SECONDS)
+    grace_s: float = 20.0  # in-flight answers may finish (SHUTDOWN_GRACE_SECONDS)
     closing_s: float = 4.0  # the rest are closed `interrupted` and requeued
-    leaving_s: float = 2.0  # presence and queue left, connections closed
+    step_s: float = 1.0  # each of: leave presence, leave the queue, close the connections
+    exit_s: float = 1.0  # the interpreter's own exit
 
     @property
     def total_s(self) -> float:
-        return self.grace_s + self.closing_s + self.leaving_s
+        return self.grace_s + self.closing_s + 3 * self.step_s + self.exit_s
 
 
 @dataclass
@@ -276,12 +278,12 @@ class Worker:
         log.info("worker.drained", finished=len(in_flight) - len(late), interrupted=len(late))
 
     async def _leave(self) -> None:
-        half = self.options.budget.leaving_s / 2
+        step_s = self.options.budget.step_s
         if self.presence is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.presence.leave(), half)
+                await asyncio.wait_for(self.presence.leave(), step_s)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.queue.leave(), half)
+            await asyncio.wait_for(self.queue.leave(), step_s)
         log.info("worker.stopped", uptime_s=round(time.monotonic() - self.started, 1))
 
     # -- housekeeping -------------------------------------------------------------------

@@ -77,9 +77,10 @@ class Settings(RedisSettings, AblySettings):
 
     worker_concurrency: int = Field(default=16, ge=1, le=1000)
     worker_id: str = Field(default_factory=default_worker_id, min_length=1)
-    # In-flight answers' time to finish after SIGTERM; closing, requeueing and leaving take
-    # 6 s more (runtime.ShutdownBudget): 22 keeps the whole shutdown inside Heroku's 30 s.
-    shutdown_grace_seconds: float = Field(default=22.0, ge=0, le=3600)
+    # In-flight answers' time to finish after SIGTERM; closing, requeueing, leaving and
+    # exiting take 8 s more (runtime.ShutdownBudget): 20 keeps the whole shutdown to 28 s,
+    # inside Heroku's 30.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     job_timeout_seconds: float = Field(default=300.0, gt=0)
     # A dead worker's jobs go to another once its heartbeat is this old.

@@ -46,6 +46,12 @@ class ChildServer:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         raise NotImplementedError
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id (fault tests stop and continue it)."""
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     def exited(self) -> int | None:
         """The exit code if the process has ended (it should not have), else None."""
         return None if self._proc is None else self._proc.poll()
