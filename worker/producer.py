@@ -1,5 +1,9 @@
 """Enqueueing from Python: `await worker.enqueue(channel="...", input="...")`.
 
+The package's `worker.enqueue` calls this module's `enqueue` on first use (a lazy import,
+so `import worker` stays light). It is not named `worker/enqueue.py`: importing a
+submodule of that name would replace the function `worker.enqueue` with the module.
+
 From any other language it is one `XADD` (see the README): this is a convenience.
 """
 
