@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import __version__
 from worker.job_runner import JobControl, JobRunner, StopReason
@@ -32,6 +32,8 @@ from worker.transport.pool import ConnectionPool
 from worker.transport.presence import AgentPresence
 
 log = get_logger("worker")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,11 @@ class Worker:
                 self._slot_freed.clear()
                 continue
             try:
+                if not self.lease.valid():
+                    # A job taken now would be abandoned at once, having spent an attempt:
+                    # renew the lease first (the heartbeat's own timer may be seconds away).
+                    await self._unless_stopped(self._heartbeat(), stop)
+                    continue
                 deliveries = await self._take_or_stop(free, stop)
             except Exception as exc:  # Redis away: wait and try again, never exit
                 log.error("queue.take_failed", error=str(exc))
@@ -146,20 +153,26 @@ class Worker:
                 self._start(delivery)
 
     async def _take_or_stop(self, free: int, stop: asyncio.Event) -> list[Delivery]:
-        take = asyncio.create_task(self.queue.take(free, self.options.take_block_ms))
+        # Stopping: no new jobs. (XREADGROUP may still have delivered one as the take was
+        # cancelled; it stays pending under our name and is reclaimed once we leave.) A
+        # take that returned jobs is honoured even when stop came at the same moment: they
+        # are ours now, and the drain finishes or requeues them.
+        taken = await self._unless_stopped(self.queue.take(free, self.options.take_block_ms), stop)
+        return taken or []
+
+    @staticmethod
+    async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+        """`work`'s result, or None (and `work` cancelled) if `stop` is set first."""
+        task = asyncio.ensure_future(work)
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({take, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        if not take.done():
-            # Stopping: no new jobs. (XREADGROUP may still have delivered one as we
-            # cancelled; it stays pending under our name and is reclaimed once we leave.)
-            take.cancel()
+        if not task.done():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await take
-            return []
-        # A take that returned jobs is honoured even when stop came at the same moment:
-        # they are ours now, and the drain finishes or requeues them.
-        return take.result()
+                await task
+            return None
+        return task.result()
 
     @staticmethod
     async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
@@ -275,7 +288,9 @@ class Worker:
         if late:
             # Closing a message and requeueing takes a round trip or two; bounded anyway.
             await asyncio.wait(late, timeout=budget.closing_s)
-        log.info("worker.drained", finished=len(in_flight) - len(late), interrupted=len(late))
+        # A job that was already closing its message at the end of grace was let finish.
+        stopped = sum(r.control.reason is StopReason.SHUTDOWN for r in in_flight)
+        log.info("worker.drained", finished=len(in_flight) - stopped, interrupted=stopped)
 
     async def _leave(self) -> None:
         step_s = self.options.budget.step_s
@@ -340,7 +355,7 @@ class Worker:
 
     async def _reclaim(self) -> None:
         free = self.options.concurrency - len(self.running)
-        if free <= 0:
+        if free <= 0 or not self.lease.valid():  # taken now, a job would be abandoned at once
             return
         running = {r.delivery.entry_id for r in self.running.values()}
         orphans = await self.queue.orphans(running, count=free)
