@@ -1,7 +1,7 @@
 # The README's two commands: `make dev` (the demo) and `make test` (the whole suite).
 # uv may have just been installed by setup without a PATH entry: `python3 -m uv` then.
 UV ?= $(shell command -v uv >/dev/null 2>&1 && echo uv || echo python3 -m uv)
-.PHONY: setup test dev lint
+.PHONY: setup test dev lint soak
 
 setup:
 	./scripts/setup.sh
@@ -16,3 +16,8 @@ lint:
 
 dev: setup
 	$(UV) run worker dev
+
+# The chaos soak: 200 jobs through 3 worker processes while workers are killed, stopped
+# and redeployed and Redis restarts; every job must end exactly once (tests/chaos_soak.py).
+soak: setup
+	$(UV) run python -m tests.chaos_soak --jobs 200

@@ -146,8 +146,9 @@ async def test_a_user_cancel_stops_the_answer_and_closes_it_cancelled(
 ) -> None:
     text = prompt("long answer")
     job = new_job(
-        channel_name, text, metadata={"local_tokens": "2000", "local_tokens_per_second": "50"}
-    )
+        channel_name, text, metadata={"local_tokens": "2000", "local_tokens_per_second": "50"},
+        user_client_id="user-1",
+    )  # fmt: skip
     async with subscriber(stack, channel_name) as live, running_worker(stack.settings()):
         await stack.enqueue(job)
         await wait_for(

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -18,6 +19,9 @@ from worker.model import Model, make_client
 from worker.queue import RedisStreamsQueue
 from worker.redis_client import connect_redis
 from worker.runtime import RuntimeOptions, ShutdownBudget, Worker
+from worker.sessions.manager import ManagerOptions, SessionManager
+from worker.sessions.session import SessionOptions
+from worker.sessions.store import SessionStore
 from worker.settings import RedisSettings, Settings
 from worker.transport.client import realtime_client
 from worker.transport.pool import ConnectionPool
@@ -40,6 +44,24 @@ def make_queue(
         consumer=consumer,
         max_attempts=max_attempts,
     )
+
+
+def make_sessions(
+    settings: Settings,
+    queue: RedisStreamsQueue,
+    pool: ConnectionPool,
+    agent_ids: Callable[[], Awaitable[set[str]]],
+) -> SessionManager:
+    store = SessionStore(
+        queue.redis, settings.queue_prefix, queue.consumer, settings.session_lease_seconds
+    )
+    options = ManagerOptions(
+        listen_channels=settings.listen_channel_list,
+        idle_s=settings.session_idle_seconds,
+        lease_ttl_s=settings.session_lease_seconds,
+        session=SessionOptions(api=settings.openai_api, cancel_roles=settings.cancel_role_set),
+    )
+    return SessionManager(store, queue, pool.clients, options, agent_ids)
 
 
 def consumer_name(worker_id: str) -> str:
@@ -130,6 +152,7 @@ async def serve(
         make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
         settings.openai_model,
         settings.openai_api,
+        background=settings.model_background,
     )
     try:
         await _check_redis(queue)
@@ -143,14 +166,17 @@ async def serve(
             heartbeat_interval_s=settings.job_visibility_timeout_seconds / 3,
             reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
             stats_interval_s=settings.stats_interval_seconds,
+            cancel_roles=settings.cancel_role_set,
         )
         log.info("worker.connections", ably_connections=len(pool.clients),
                  streams_per_connection=settings.streams_per_connection)  # fmt: skip
         # Only in a process of its own (`run` installs the signal handlers), never in a
         # test's process.
         overrun = asyncio.create_task(_exit_if_overrun(stop, options.budget, handle_signals))
+        worker = Worker(queue, runner, pool, options)
+        worker.sessions = make_sessions(settings, queue, pool, worker.agent_ids)
         try:
-            await Worker(queue, runner, pool, options).run(stop)
+            await worker.run(stop)
         finally:
             overrun.cancel()
     finally:

@@ -8,22 +8,37 @@ streaming code: close the message with its status, then one fenced queue transit
 (complete, retry, dead-letter, requeue) that Redis refuses if the job is no longer this
 worker's. One summary line per job (`job.completed`, `job.retry_scheduled`, ...) carries
 the figures.
+
+Continuing instead of regenerating (`MODEL_BACKGROUND`, the model's background
+responses): while an attempt streams, the job record keeps the model response's id (at
+once, before any of its text is sent) and, at most every `progress_interval_s`, the
+sequence number of its last delta whose text Ably has acknowledged on the message, with
+the length of the message's text up to there (`Queue.record_progress`, fenced). A later
+attempt (a retry, a reclaim after a crash, a requeue after a drain) finds that record,
+takes the message as it stands (no reset) and continues the same model response after
+that sequence number (`Model.resume`); the message may hold more than the record says,
+which the publisher skips rather than repeats. When the response cannot be continued
+(gone, failed, cancelled upstream) or the message lacks recorded text, the record is
+forgotten first, then the message is reset and the model asked again, as without it.
+A user's cancel also cancels the background response upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from redis.exceptions import RedisError
 
 from worker.jobs import Job, Pattern
 from worker.logs import get_logger
-from worker.model import Done, Failed, Model, TextDelta
+from worker.model import Done, Failed, Gone, Model, ModelEvent, Started, TextDelta
 from worker.queue import Delivery, JobState, Queue
 from worker.transport.contract import Headers, Status
 from worker.transport.pool import Lease
@@ -168,6 +183,99 @@ class Figures:
 
 MakePublisher = Callable[[Job, Delivery, Lease, Alive], Publisher]
 
+# How often, at most, a running job writes its model progress to its record.
+PROGRESS_INTERVAL_S = 0.5
+
+
+@runtime_checkable
+class Continuable(Protocol):
+    """A publisher that can continue an earlier attempt's message as it stands
+    (`ResponseStream`). A `TokenStream` cannot: its jobs regenerate."""
+
+    acked_chars: int  # the prefix of `text` Ably has acknowledged on the message
+
+    async def continue_message(self, serial: str, chars: int) -> Status | None: ...
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the job record says of the background model response its message holds."""
+
+    model_response_id: str
+    sequence: int  # its last event whose text the message holds
+    chars: int  # the message's text up to there
+
+    @classmethod
+    def of(cls, record: dict[str, str] | None) -> Recorded | None:
+        if not record or not record.get("model_response_id"):
+            return None
+        try:
+            sequence, chars = int(record["model_sequence"]), int(record["model_chars"])
+        except (KeyError, ValueError):
+            return None
+        return cls(record["model_response_id"], sequence, chars)
+
+
+class Progress:
+    """The background model response this attempt streams, and how much of its text the
+    message holds: written to the job record (fenced) at once when the response starts,
+    then at most every `interval_s`, only as far as Ably has acknowledged. Each write
+    returns False when the job is no longer this worker's."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        delivery: Delivery,
+        publisher: Publisher,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.delivery = delivery
+        self.publisher = publisher if isinstance(publisher, Continuable) else None
+        self.interval_s = interval_s
+        self.clock = clock
+        self.model_response_id: str | None = None
+        self.recorded: tuple[int, int] | None = None  # (sequence, chars) last written
+        self._ends: deque[tuple[int, int]] = deque()  # (text end, sequence) of each delta
+        self._last = -math.inf
+
+    async def started(self, model_response_id: str, sequence: int) -> bool:
+        """A new response, whose text starts the (new or reset) message."""
+        self.model_response_id = model_response_id
+        self._ends.clear()
+        return await self._write(sequence, 0)
+
+    def continuing(self, recorded: Recorded) -> None:
+        self.model_response_id = recorded.model_response_id
+        self.recorded = (recorded.sequence, recorded.chars)
+        self._last = self.clock()
+
+    async def delta(self, sequence: int | None, text_end: int) -> bool:
+        """A delta of the response reached the message's text, which now ends at
+        `text_end`; writes what Ably has acknowledged if the last write is old enough."""
+        if self.publisher is None or self.model_response_id is None or sequence is None:
+            return True
+        self._ends.append((text_end, sequence))
+        if self.clock() - self._last < self.interval_s:
+            return True
+        acked, newest = self.publisher.acked_chars, None
+        while self._ends and self._ends[0][0] <= acked:
+            newest = self._ends.popleft()
+        if newest is None:
+            return True
+        end, sequence = newest
+        return await self._write(sequence, end)
+
+    async def _write(self, sequence: int, chars: int) -> bool:
+        self._last = self.clock()
+        if self.publisher is None or self.model_response_id is None:
+            return True  # nothing can continue this message: no need to remember
+        self.recorded = (sequence, chars)
+        return await self.queue.record_progress(
+            self.delivery, self.model_response_id, sequence, chars
+        )
+
 
 class JobRunner:
     def __init__(
@@ -177,11 +285,13 @@ class JobRunner:
         *,
         timeout_s: float,
         make_publisher: MakePublisher | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.queue = queue
         self.model = model
         self.timeout_s = timeout_s
         self.make_publisher = make_publisher or self.channel_publisher
+        self.progress_interval_s = progress_interval_s
 
     async def run(
         self, delivery: Delivery, lease: Lease, control: JobControl | None = None
@@ -200,8 +310,12 @@ class JobRunner:
             return control.reason is not StopReason.HEARTBEAT_LOST and control.alive()
 
         publisher = self.make_publisher(job, delivery, lease, alive)
-        ending = await self._attempt(delivery, job, publisher, figures, control)
-        return await self._conclude(delivery, publisher, figures, ending, control)
+        progress = Progress(self.queue, delivery, publisher, self.progress_interval_s)
+        ending = await self._attempt(delivery, job, publisher, figures, control, progress)
+        outcome = await self._conclude(delivery, publisher, figures, ending, control)
+        if outcome is Outcome.CANCELLED and isinstance(ending, Stopped):
+            await self._cancel_upstream(progress.model_response_id)
+        return outcome
 
     def channel_publisher(
         self, job: Job, delivery: Delivery, lease: Lease, alive: Alive
@@ -224,12 +338,13 @@ class JobRunner:
         publisher: Publisher,
         figures: Figures,
         control: JobControl,
+        progress: Progress,
     ) -> Ending:
         """Stream the answer; says how it ended and never raises (but a foreign cancel)."""
         deadline = asyncio.timeout(self.timeout_s)
         try:
             async with deadline:
-                return await self._stream(delivery, job, publisher, figures)
+                return await self._stream(delivery, job, publisher, figures, progress)
         except asyncio.CancelledError:
             if control.reason is None:
                 raise  # not ours to absorb
@@ -248,11 +363,27 @@ class JobRunner:
             control.finishing = True
 
     async def _stream(
-        self, delivery: Delivery, job: Job, publisher: Publisher, figures: Figures
+        self,
+        delivery: Delivery,
+        job: Job,
+        publisher: Publisher,
+        figures: Figures,
+        progress: Progress,
     ) -> Ending:
         resuming = (
             delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
         )
+        recorded = Recorded.of(await self.queue.status(delivery.job_id)) if resuming else None
+        if recorded is not None:
+            serial = delivery.response_serial
+            if serial is not None:
+                continued = await self._continue(serial, publisher, figures, progress, recorded)
+                if continued is not None:
+                    return continued
+            # Forget the response before the message is reset: a record never names a
+            # response whose text the message does not hold.
+            if not await self.queue.record_progress(delivery, None):
+                return Fenced("record_progress")
         finished = await publisher.open(delivery.response_serial, resuming=resuming)
         if finished is not None:
             return FoundFinished(finished)
@@ -261,19 +392,80 @@ class JobRunner:
             if not await self.queue.set_response_serial(delivery, serial):
                 return Fenced("set_response_serial")
         log.info("job.started", response_serial=serial, reopened=serial == delivery.response_serial)
-        async for event in self.model.stream(job):
+        ending = await self._consume(self.model.stream(job), publisher, figures, progress)
+        return Failure(ending.reason) if isinstance(ending, Gone) else ending
+
+    async def _continue(
+        self,
+        serial: str,
+        publisher: Publisher,
+        figures: Figures,
+        progress: Progress,
+        recorded: Recorded,
+    ) -> Ending | None:
+        """Continue the recorded background response into the message as it stands; None
+        when it cannot be (the caller regenerates)."""
+        if not isinstance(publisher, Continuable):
+            return None
+        finished = await publisher.continue_message(serial, recorded.chars)
+        if finished is not None:
+            return FoundFinished(finished)
+        model_response_id = recorded.model_response_id
+        if publisher.serial is None:
+            log.warning("job.continue_failed", model_response_id=model_response_id,
+                        reason="the message does not hold the recorded text")  # fmt: skip
+            return None
+        progress.continuing(recorded)
+        log.info("job.started", response_serial=serial, reopened=True, continued=True,
+                 model_response_id=model_response_id, after_sequence=recorded.sequence)  # fmt: skip
+        events = self.model.resume(model_response_id, recorded.sequence)
+        ending = await self._consume(events, publisher, figures, progress)
+        if isinstance(ending, Gone):
+            log.warning("job.continue_failed", model_response_id=model_response_id,
+                        reason=ending.reason)  # fmt: skip
+            progress.model_response_id = None
+            return None
+        return ending
+
+    async def _consume(
+        self,
+        events: AsyncIterator[ModelEvent],
+        publisher: Publisher,
+        figures: Figures,
+        progress: Progress,
+    ) -> Ending | Gone:
+        """The model's events into the message, until the answer ends one way or another."""
+        async for event in events:
             if isinstance(event, TextDelta):
                 if figures.first_token_at is None:
                     figures.first_token_at = time.monotonic()
                     log.info("job.first_token", ttft_ms=figures.ttft_ms())
                 publisher.append(event.text)
+                if not await progress.delta(event.sequence, len(publisher.text)):
+                    return Fenced("record_progress")
+            elif isinstance(event, Started):
+                if not await progress.started(event.model_response_id, event.sequence):
+                    return Fenced("record_progress")
             elif isinstance(event, Done):
                 figures.output_tokens = event.output_tokens
                 figures.input_tokens = event.input_tokens
                 return Answered(event.incomplete_reason)
             elif isinstance(event, Failed):
                 return Failure(event.error, event.retryable)
+            elif isinstance(event, Gone):
+                return event
         return Failure("model stream ended without a result")
+
+    async def _cancel_upstream(self, model_response_id: str | None) -> None:
+        """A user's cancel stops the background response upstream too (best effort)."""
+        if model_response_id is None:
+            return
+        error = await self.model.cancel(model_response_id)
+        if error is None:
+            log.info("job.model_cancelled", model_response_id=model_response_id)
+        else:
+            log.warning("job.model_cancel_failed", model_response_id=model_response_id,
+                        error=error)  # fmt: skip
 
     # -- the outcome ---------------------------------------------------------------------
 

@@ -21,6 +21,14 @@ _CHANNEL_RE = re.compile(r"^[^:\s\x00-\x1f\x7f][^\s\x00-\x1f\x7f]{0,199}$")
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
+def valid_channel(name: str) -> bool:
+    return bool(_CHANNEL_RE.match(name))
+
+
+def valid_job_id(value: str) -> bool:
+    return bool(_JOB_ID_RE.match(value))
+
+
 class Pattern(enum.StrEnum):
     MESSAGE_PER_RESPONSE = "message-per-response"
     MESSAGE_PER_TOKEN = "message-per-token"

@@ -1,14 +1,23 @@
-"""The model call: an OpenAI stream turned into three events the runtime understands.
+"""The model call: an OpenAI stream turned into a few events the runtime understands.
 
 `TextDelta` for each piece of text, `Done` with usage at the end, `Failed` when the call
 cannot give (the rest of) an answer. Retries on 429 and 5xx before the first token are the
 `openai` SDK's own (`max_retries`, honouring `Retry-After`); a failure after text has
 started is `Failed(retryable=True)` and the queue retries the whole job, reusing its
 channel message.
+
+With `background=True` (`MODEL_BACKGROUND`; the Responses API only, Chat Completions has
+no such thing) the answer is an OpenAI background response, which goes on generating
+upstream whoever listens. `Started` names it as soon as it exists, each `TextDelta`
+carries its event's sequence number, and a later attempt `resume`s that same response
+after a sequence number (`retrieve(id, stream=True, starting_after=N)`) instead of asking
+the model again. `Gone` says it cannot be continued (not found, failed, cancelled): the
+caller regenerates. `cancel` stops it upstream.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,8 +29,17 @@ from worker.jobs import Job
 
 
 @dataclass(frozen=True)
+class Started:
+    """A background response exists upstream: a later attempt can continue it by id."""
+
+    model_response_id: str
+    sequence: int  # the `response.created` event's sequence number
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    sequence: int | None = None  # its event's sequence number (Responses API only)
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,20 @@ class Failed:
     retryable: bool
 
 
-ModelEvent = TextDelta | Done | Failed
+@dataclass(frozen=True)
+class Gone:
+    """The response to continue cannot be continued (not found, failed, cancelled):
+    regenerate the answer instead. Only `Model.resume` says this."""
+
+    reason: str
+
+
+ModelEvent = Started | TextDelta | Done | Failed | Gone
+
+# A user's cancel stops the background response upstream within this, or not at all.
+CANCEL_TIMEOUT_S = 3.0
+# A background response in one of these statuses will never end with an answer.
+_LOST = ("failed", "cancelled")
 
 
 def make_client(
@@ -55,10 +86,14 @@ class Model:
         client: AsyncOpenAI,
         default_model: str,
         api: Literal["responses", "chat"] = "responses",
+        *,
+        background: bool = False,
     ) -> None:
         self.client = client
         self.default_model = default_model
         self.api = api
+        # Chat Completions has no background responses: the setting is the Responses API's.
+        self.background = background and api == "responses"
 
     def model_for(self, job: Job) -> str:
         return job.model or self.default_model
@@ -66,29 +101,81 @@ class Model:
     async def stream(self, job: Job) -> AsyncIterator[ModelEvent]:
         """Yield the job's answer as events; never raises for a model-side failure."""
         source = self._responses(job) if self.api == "responses" else self._chat(job)
+        async for event in _guarded(source):
+            yield event
+
+    async def resume(self, model_response_id: str, after: int) -> AsyncIterator[ModelEvent]:
+        """Continue a background response: its events after sequence number `after`.
+
+        Yields what `stream` yields (but no `Started`), or `Gone` when the response cannot
+        be continued: unknown (404) or refused (400) upstream, failed, or cancelled. A
+        connection that breaks is `Failed(retryable=True)`, as in `stream`: the next
+        attempt continues from further on. Never raises for a model-side failure."""
+        async for event in _guarded(self._resumed(model_response_id, after)):
+            yield event
+
+    async def cancel(self, model_response_id: str) -> str | None:
+        """Cancel a background response upstream, best effort, within `CANCEL_TIMEOUT_S`:
+        None when done, else why not."""
+        client = self.client.with_options(max_retries=0, timeout=CANCEL_TIMEOUT_S)
         try:
-            async for event in source:
-                yield event
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await client.responses.cancel(model_response_id)
+        except TimeoutError:
+            return f"no answer in {CANCEL_TIMEOUT_S:g} s"
         except openai.APIStatusError as exc:
-            yield Failed(
-                _status_error(exc),
-                retryable=exc.status_code in (408, 409, 429) or exc.status_code >= 500,
-            )
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            yield Failed(f"model connection failed: {exc.__class__.__name__}", retryable=True)
-        except openai.APIError as exc:  # e.g. the stream broke off mid-answer
-            yield Failed(f"model stream failed: {exc.message}", retryable=True)
+            return _status_error(exc)
+        except openai.APIError as exc:
+            return f"{type(exc).__name__}: {exc.message}"
+        return None
 
     async def _responses(self, job: Job) -> AsyncIterator[ModelEvent]:
-        stream = await self.client.responses.create(**self._responses_args(job), stream=True)
+        args = self._responses_args(job)
+        if self.background:
+            args["background"] = True
+        stream = await self.client.responses.create(**args, stream=True)
         async with stream:  # closes the HTTP response however the loop ends
             async for event in stream:
+                if self.background and event.type == "response.created":
+                    yield Started(event.response.id, event.sequence_number)
+                    continue
                 outcome = _responses_event(event)
                 if outcome is not None:
                     yield outcome
                     if not isinstance(outcome, TextDelta):
                         return
         yield Failed("model stream ended before the response was complete", retryable=True)
+
+    async def _resumed(self, model_response_id: str, after: int) -> AsyncIterator[ModelEvent]:
+        try:
+            stream = await self.client.responses.retrieve(
+                model_response_id, stream=True, starting_after=after
+            )
+        except (openai.NotFoundError, openai.BadRequestError) as exc:
+            yield Gone(_status_error(exc))
+            return
+        async with stream:
+            async for event in stream:
+                if event.type == "response.failed":
+                    yield Gone("the model response failed upstream")
+                    return
+                outcome = _responses_event(event)
+                if outcome is not None:
+                    yield outcome
+                    if not isinstance(outcome, TextDelta):
+                        return
+        # Ended before the response did: it was cancelled upstream (the stream of a
+        # cancelled response just stops), or the connection was cut (then the next
+        # attempt continues, even a response that has completed meanwhile).
+        try:
+            status = (await self.client.responses.retrieve(model_response_id)).status
+        except openai.NotFoundError as exc:
+            yield Gone(_status_error(exc))
+            return
+        if status in _LOST:
+            yield Gone(f"the model response is {status}")
+        else:
+            yield Failed("model stream ended before the response was complete", retryable=True)
 
     def _responses_args(self, job: Job) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -145,11 +232,27 @@ class Model:
         return args
 
 
+async def _guarded(source: AsyncIterator[ModelEvent]) -> AsyncIterator[ModelEvent]:
+    """The events of `source`, its SDK errors turned into a last `Failed`."""
+    try:
+        async for event in source:
+            yield event
+    except openai.APIStatusError as exc:
+        yield Failed(
+            _status_error(exc),
+            retryable=exc.status_code in (408, 409, 429) or exc.status_code >= 500,
+        )
+    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+        yield Failed(f"model connection failed: {exc.__class__.__name__}", retryable=True)
+    except openai.APIError as exc:  # e.g. the stream broke off mid-answer
+        yield Failed(f"model stream failed: {exc.message}", retryable=True)
+
+
 def _responses_event(event: Any) -> ModelEvent | None:
     """The event that matters to the runtime, or None for the many that do not."""
     kind = event.type
     if kind == "response.output_text.delta":
-        return TextDelta(event.delta)
+        return TextDelta(event.delta, event.sequence_number)
     if kind in ("response.completed", "response.incomplete"):
         return _done(event.response)
     if kind == "response.failed":

@@ -27,6 +27,7 @@ from worker.job_runner import JobControl, JobRunner, StopReason
 from worker.lease import ProcessLease
 from worker.logs import bind_job, get_logger
 from worker.queue import Delivery, Queue
+from worker.sessions.manager import SessionManager
 from worker.transport import contract
 from worker.transport.pool import ConnectionPool
 from worker.transport.presence import AgentPresence
@@ -63,6 +64,8 @@ class RuntimeOptions:
     promote_interval_s: float = 0.5
     stats_interval_s: float = 30.0
     take_block_ms: int = 1000
+    cancel_poll_s: float = 0.5  # cancels applied elsewhere (a session) reach running jobs
+    cancel_roles: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -81,8 +84,11 @@ class Worker:
         options: RuntimeOptions,
         *,
         lease: ProcessLease | None = None,
+        sessions: SessionManager | None = None,
     ) -> None:
         self.queue = queue
+        self.sessions = sessions
+        self._agents: tuple[float, set[str]] = (-float("inf"), set())
         self.lease = lease or ProcessLease(queue.heartbeat_ttl_s)
         self.runner = runner
         self.pool = pool
@@ -113,7 +119,10 @@ class Worker:
         taking = [
             asyncio.create_task(self._every(every.reclaim_interval_s, self._reclaim, stop)),
             asyncio.create_task(self._every(every.promote_interval_s, self._promote, stop)),
+            asyncio.create_task(self._every(every.cancel_poll_s, self._poll_cancels, stop)),
         ]
+        if self.sessions is not None:  # released at once on stop: a successor takes over
+            taking.append(asyncio.create_task(self.sessions.run(stop)))
         try:
             await self._take_until(stop)
             await self._stop_all(taking, wait_s=1.0)
@@ -258,13 +267,37 @@ class Worker:
             client.channels.get(channel_name).unsubscribe(contract.CANCEL, listener)
 
     def _on_cancel(self, channel_name: str, message: Any) -> None:
-        response_id = contract.cancel_target(message)
-        running = self.running.get(response_id or "")
+        user = contract.user_message(message)
+        running = self.running.get(user.response_id or "") if user else None
         job = running.delivery.job if running else None
-        if running is None or job is None or job.channel != channel_name:
+        if user is None or running is None or job is None or job.channel != channel_name:
             return  # not ours, or a cancel on another channel naming our job: ignored
-        log.info("job.cancel_requested", job_id=response_id, by=getattr(message, "client_id", None))
+        roles = self.options.cancel_roles
+        if not contract.may_cancel(user.client_id, user.user_claim, job.user_client_id, roles):
+            log.warning("job.cancel_refused", job_id=job.id, by=user.client_id,
+                        reason="not the job's user and no allowed role")  # fmt: skip
+            return
+        log.info("job.cancel_requested", job_id=job.id, by=user.client_id)
         self._stop_job(running, StopReason.USER_CANCEL)
+
+    async def _poll_cancels(self) -> None:
+        """Cancels a session applied in Redis (one published while no worker listened,
+        or read by another process) reach the job here."""
+        flagged = await self.queue.cancel_requested(list(self.running))
+        for job_id in flagged:
+            running = self.running.get(job_id)
+            if running is not None and running.control.reason is None:
+                log.info("job.cancel_requested", job_id=job_id, by="session")
+                self._stop_job(running, StopReason.USER_CANCEL)
+
+    async def agent_ids(self) -> set[str]:
+        """The clientIds of live workers (their messages are never users' prompts)."""
+        at, ids = self._agents
+        if time.monotonic() - at > 5.0:
+            workers = await self.queue.live_workers()
+            ids = {self.options.worker_id, *(str(w.get("worker_id")) for w in workers)}
+            self._agents = (time.monotonic(), ids)
+        return ids
 
     @staticmethod
     def _stop_job(running: Running, reason: StopReason) -> None:

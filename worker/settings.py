@@ -74,6 +74,9 @@ class Settings(RedisSettings, AblySettings):
     openai_base_url: str | None = None
     openai_model: str = "gpt-4.1-mini"
     openai_api: Literal["responses", "chat"] = "responses"
+    # OpenAI background responses (Responses API only; ignored with OPENAI_API=chat): a
+    # retried or reclaimed job continues the same model response into the same message.
+    model_background: bool = False
 
     worker_concurrency: int = Field(default=16, ge=1, le=1000)
     worker_id: str = Field(default_factory=default_worker_id, min_length=1)
@@ -93,8 +96,32 @@ class Settings(RedisSettings, AblySettings):
     presence_channel: str = Field(default="agents", min_length=1)
     stats_interval_seconds: float = Field(default=30.0, gt=0)  # the `worker.stats` log line
 
+    # Sessions: the channels the worker listens on for users' `prompt` and `cancel`.
+    listen_channels: str = ""  # comma-separated, served always
+    session_idle_seconds: float = Field(default=1800.0, gt=0)  # a job's channel, after
+    session_lease_seconds: float = Field(default=15.0, ge=2, le=3600)
+    cancel_roles: str = ""  # comma-separated roles (Ably-verified `userClaim`) that may cancel
+
     log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("listen_channels")
+    @classmethod
+    def _channel_names(cls, value: str) -> str:
+        from worker.jobs import valid_channel
+
+        for name in _split(value):
+            if not valid_channel(name):
+                raise ValueError(f"{name!r} is not a valid channel name")
+        return value
+
+    @property
+    def listen_channel_list(self) -> tuple[str, ...]:
+        return tuple(_split(self.listen_channels))
+
+    @property
+    def cancel_role_set(self) -> frozenset[str]:
+        return frozenset(_split(self.cancel_roles))
 
     @field_validator("openai_base_url", mode="before")
     @classmethod
@@ -110,6 +137,10 @@ class Settings(RedisSettings, AblySettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 T = TypeVar("T", bound=BaseSettings)

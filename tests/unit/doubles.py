@@ -1,8 +1,10 @@
 """Test doubles of our own seams, and nothing else (DESIGN.md, "Real services").
 
 - `FakeQueue`: the `worker.queue.Queue` protocol, in memory, recording every call.
-- `FakePublisher`: the `worker.transport.publisher.Publisher` protocol.
-- `FakeModel`: our `worker.model.Model` class (`model_for`, `stream`), from a script.
+- `FakePublisher`: the `worker.transport.publisher.Publisher` protocol, and the runner's
+  `Continuable` (continuing an earlier attempt's message as it stands).
+- `FakeModel`: our `worker.model.Model` class (`model_for`, `stream`, `resume`, `cancel`),
+  from scripts.
 - `FakeRunner`: `JobRunner.run` as the runtime sees it, for the runtime's own tests.
 - `ManualClock`: a clock for `ProcessLease` and `Budget`.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from worker.job_runner import JobControl, StopReason
 from worker.jobs import Job
-from worker.model import Done, ModelEvent, TextDelta
+from worker.model import Done, ModelEvent, Started, TextDelta
 from worker.queue import Delivery, JobState, QueueStats
 from worker.transport.contract import Status
 from worker.transport.publisher import Abandoned, Alive, always_alive
@@ -101,7 +103,9 @@ class FakeQueue:
     Switches:
     - `refuse`: names of fenced transitions that return False, changing nothing, as
       Redis answers a stale owner (`complete`, `retry`, `dead_letter`,
-      `requeue_interrupted`, `set_response_serial`).
+      `requeue_interrupted`, `set_response_serial`, `record_progress`).
+    - `records`: job id -> the job record `status` answers; `record_progress` writes its
+      `model_response_id`, `model_sequence` and `model_chars` there.
     - `owns_result`: what `owns` answers.
     - `fail_once`: method name -> exception raised by its next call only.
     - `heartbeat_hangs_after`: heartbeats after this many hang until cancelled.
@@ -129,6 +133,7 @@ class FakeQueue:
         self.take_gate: asyncio.Event | None = None
         self.reclaim_gate: asyncio.Event | None = None
         self.reclaim_entered = asyncio.Event()
+        self.records: dict[str, dict[str, str]] = {}
 
     # -- inspection --------------------------------------------------------------------
 
@@ -177,6 +182,27 @@ class FakeQueue:
 
     async def set_response_serial(self, delivery: Delivery, serial: str) -> bool:
         return self._fenced("set_response_serial", delivery, serial)
+
+    async def record_progress(
+        self,
+        delivery: Delivery,
+        model_response_id: str | None,
+        sequence: int = -1,
+        chars: int = 0,
+    ) -> bool:
+        if not self._fenced("record_progress", delivery, model_response_id, sequence, chars):
+            return False
+        record = self.records.setdefault(delivery.job_id, {})
+        for name in ("model_response_id", "model_sequence", "model_chars"):
+            record.pop(name, None)
+        if model_response_id is not None:
+            record.update(model_response_id=model_response_id, model_sequence=str(sequence),
+                          model_chars=str(chars))  # fmt: skip
+        return True
+
+    def progress_writes(self) -> list[tuple[str | None, int, int]]:
+        """Each `record_progress` call's (model_response_id, sequence, chars), in order."""
+        return [c.args[1:] for c in self.called("record_progress")]
 
     async def complete(
         self,
@@ -228,7 +254,8 @@ class FakeQueue:
 
     async def status(self, job_id: str) -> dict[str, str] | None:
         self._record("status", job_id)
-        return None
+        record = self.records.get(job_id)
+        return dict(record) if record is not None else None
 
 
 # -- the publisher -----------------------------------------------------------------------
@@ -246,6 +273,12 @@ class FakePublisher:
       `complete` or `cancelled`); None opens a streaming message.
     - `open_raises`, `close_raises`: an exception for `open` / `close` to raise
       (e.g. `AckTimeout`, `Abandoned`).
+    - `holds`: the text an earlier attempt's message holds, for `continue_message`
+      (None: no such message). Like `ResponseStream`, a continuation keeps its first
+      `chars` characters as `text`, takes resumed deltas that repeat the rest as sent,
+      and cannot continue a message holding less than `chars`.
+    - `acks_held`: appends are not acknowledged (`acked_chars` stays); by default each
+      is acknowledged at once.
     """
 
     def __init__(
@@ -255,13 +288,22 @@ class FakePublisher:
         finished: Status | None = None,
         open_raises: BaseException | None = None,
         close_raises: BaseException | None = None,
+        holds: str | None = None,
+        acks_held: bool = False,
     ) -> None:
         self.new_serial = new_serial
         self.finished = finished
         self.open_raises = open_raises
         self.close_raises = close_raises
+        self.holds = holds
+        self.acks_held = acks_held
         self.serial: str | None = None
         self.text = ""
+        self.acked_chars = 0
+        self.sent = ""  # what reached the message by appends (not the text taken as shown)
+        self._shown = ""
+        self.continued: list[tuple[str, int]] = []  # (serial, chars)
+        self.replaced = 0  # sends that replaced a continued message's text (it held other text)
         self.deltas = 0
         self.appends = 0
         self.alive: Alive = always_alive
@@ -288,15 +330,42 @@ class FakePublisher:
         if not self._may_send():
             raise Abandoned("not sending the create: the job is no longer this worker's")
         self.serial = serial or self.new_serial
+        self.text, self.sent, self._shown, self.acked_chars = "", "", "", 0  # reset
         return self.finished
+
+    async def continue_message(self, serial: str, chars: int) -> Status | None:
+        self.continued.append((serial, chars))
+        await asyncio.sleep(0)
+        if self.finished is not None:
+            self.serial = serial
+            return self.finished
+        if self.holds is None or len(self.holds) < chars:
+            return None
+        self.serial = serial
+        self.text, self._shown = self.holds[:chars], self.holds[chars:]
+        self.acked_chars = chars
+        return None
 
     def append(self, delta: str) -> None:
         if not delta or self.serial is None or not self._may_send():
             return
-        self.text += delta
         self.deltas += 1
-        self.appends += 1
         self.first_append.set()
+        if self._shown:
+            n = min(len(delta), len(self._shown))
+            if delta[:n] != self._shown[:n]:
+                self._shown = ""  # ResponseStream's next send replaces the whole text
+                self.replaced += 1
+            else:
+                self.text += delta[:n]
+                self._shown, delta = self._shown[n:], delta[n:]
+                if not delta:
+                    return
+        self.text += delta
+        self.sent += delta
+        self.appends += 1
+        if not self.acks_held:
+            self.acked_chars = len(self.text)
 
     async def close(self, status: Status, error: str | None = None) -> int:
         self.closed.append((status, error))
@@ -325,17 +394,40 @@ class FakeModel:
     """Our `worker.model.Model` from a script of `TextDelta`/`Done`/`Failed` events and
     `Pause` steps; records each job it streamed."""
 
-    def __init__(self, *script: ModelEvent | Pause, default_model: str = "fake-model") -> None:
+    def __init__(
+        self,
+        *script: ModelEvent | Pause,
+        default_model: str = "fake-model",
+        resumed: list[ModelEvent | Pause] | None = None,
+        cancel_error: str | None = None,
+    ) -> None:
         self.script = list(script)
         self.default_model = default_model
+        self.resume_script = list(resumed or [])
+        self.cancel_error = cancel_error
         self.streamed: list[str] = []  # job ids, one per stream() call
+        self.resumes: list[tuple[str, int]] = []  # (model_response_id, after), per resume()
+        self.cancelled: list[str] = []  # model response ids, per cancel()
 
     def model_for(self, job: Job) -> str:
         return job.model or self.default_model
 
     async def stream(self, job: Job) -> AsyncIterator[ModelEvent]:
         self.streamed.append(job.id)
-        for step in self.script:
+        async for event in self._play(self.script):
+            yield event
+
+    async def resume(self, model_response_id: str, after: int) -> AsyncIterator[ModelEvent]:
+        self.resumes.append((model_response_id, after))
+        async for event in self._play(self.resume_script):
+            yield event
+
+    async def cancel(self, model_response_id: str) -> str | None:
+        self.cancelled.append(model_response_id)
+        return self.cancel_error
+
+    async def _play(self, script: list[ModelEvent | Pause]) -> AsyncIterator[ModelEvent]:
+        for step in script:
             if isinstance(step, Pause):
                 if math.isinf(step.seconds):
                     await asyncio.Event().wait()
@@ -349,6 +441,26 @@ def answer(*pieces: str, output_tokens: int | None = None) -> list[ModelEvent]:
     """A model script: the pieces as deltas, then Done."""
     events: list[ModelEvent] = [TextDelta(p) for p in pieces]
     events.append(Done(input_tokens=5, output_tokens=output_tokens or len(pieces)))
+    return events
+
+
+def background_answer(
+    model_response_id: str, *pieces: str, first_sequence: int = 5, done: bool = True
+) -> list[ModelEvent]:
+    """A background response's script: `Started`, the pieces as deltas numbered from
+    `first_sequence` (where the local server's first delta is), then Done."""
+    events: list[ModelEvent] = [Started(model_response_id, 0)]
+    events += [TextDelta(p, first_sequence + i) for i, p in enumerate(pieces)]
+    if done:
+        events.append(Done(input_tokens=5, output_tokens=len(pieces)))
+    return events
+
+
+def resumed_deltas(*pieces: str, after: int, done: bool = True) -> list[ModelEvent]:
+    """A resumed background response's script: the pieces numbered after `after`."""
+    events: list[ModelEvent] = [TextDelta(p, after + 1 + i) for i, p in enumerate(pieces)]
+    if done:
+        events.append(Done(input_tokens=5, output_tokens=len(pieces)))
     return events
 
 

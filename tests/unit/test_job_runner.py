@@ -15,12 +15,22 @@ from tests.unit.doubles import (
     FakeModel,
     FakePublisher,
     FakeQueue,
+    ManualClock,
     Pause,
     answer,
+    background_answer,
     make_delivery,
+    resumed_deltas,
 )
-from worker.job_runner import INTERRUPTED_NOTE, JobControl, JobRunner, Outcome, StopReason
-from worker.model import Done, Failed, TextDelta
+from worker.job_runner import (
+    INTERRUPTED_NOTE,
+    JobControl,
+    JobRunner,
+    Outcome,
+    Progress,
+    StopReason,
+)
+from worker.model import Done, Failed, Gone, Started, TextDelta
 from worker.queue import Delivery, JobState
 from worker.transport.acks import AckTimeout
 from worker.transport.contract import Status
@@ -30,9 +40,19 @@ INF = float("inf")
 
 
 def runner_for(
-    queue: FakeQueue, model: FakeModel, publisher: FakePublisher, timeout_s: float = 300.0
+    queue: FakeQueue,
+    model: FakeModel,
+    publisher: FakePublisher,
+    timeout_s: float = 300.0,
+    progress_interval_s: float = 0.0,
 ) -> JobRunner:
-    return JobRunner(queue, model, timeout_s=timeout_s, make_publisher=publisher.make)  # type: ignore[arg-type]
+    return JobRunner(
+        queue,  # type: ignore[arg-type]
+        model,  # type: ignore[arg-type]
+        timeout_s=timeout_s,
+        make_publisher=publisher.make,  # type: ignore[arg-type]
+        progress_interval_s=progress_interval_s,
+    )
 
 
 async def run(
@@ -42,8 +62,9 @@ async def run(
     delivery: Delivery,
     control: JobControl | None = None,
     timeout_s: float = 300.0,
+    progress_interval_s: float = 0.0,
 ) -> tuple[Outcome, list[dict[str, Any]]]:
-    runner = runner_for(queue, model, publisher, timeout_s)
+    runner = runner_for(queue, model, publisher, timeout_s, progress_interval_s)
     with capture_logs() as logs:
         outcome = await runner.run(delivery, None, control or JobControl())  # type: ignore[arg-type]
     return outcome, logs
@@ -414,3 +435,248 @@ async def test_a_retry_reopens_the_saved_message() -> None:
     assert queue.called("set_response_serial") == []
     assert publisher.closed == [(Status.COMPLETE, None)]
     assert the_one(logs, "job.started")["reopened"] is True
+
+
+# -- continuing a background model response ----------------------------------------------
+# MODEL_BACKGROUND: the record keeps the model response and how much of its text the
+# message holds; a later attempt continues it into the same message, or regenerates.
+
+
+def recorded(queue: FakeQueue, response_id: str, sequence: int, chars: int) -> None:
+    """What an earlier attempt left in the job record."""
+    queue.records["job-1"] = {
+        "state": "running",
+        "model_response_id": response_id,
+        "model_sequence": str(sequence),
+        "model_chars": str(chars),
+    }
+
+
+def resumed_delivery() -> Delivery:
+    """A reclaimed delivery whose first attempt saved its message's serial."""
+    return make_delivery(attempt=2, reclaimed=True, response_serial="serial-0")
+
+
+async def test_a_background_answer_records_its_model_response_at_once_then_acked_progress() -> None:
+    queue, publisher = FakeQueue(), FakePublisher()
+    model = FakeModel(*background_answer("resp_1", "Hel", "lo", " world"))
+
+    outcome, _ = await run(queue, model, publisher, make_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert queue.progress_writes() == [
+        ("resp_1", 0, 0),  # at `response.created`, before any of its text was sent
+        ("resp_1", 5, 3),  # then (sequence, chars) of each delta acknowledged
+        ("resp_1", 6, 5),
+        ("resp_1", 7, 11),
+    ]
+    first_write = queue.called("record_progress")[0]
+    assert first_write.at <= queue.called("complete")[0].at
+
+
+async def test_progress_is_recorded_only_as_far_as_ably_has_acknowledged() -> None:
+    queue, publisher = FakeQueue(), FakePublisher(acks_held=True)
+    model = FakeModel(*background_answer("resp_1", "Hel", "lo"))
+
+    await run(queue, model, publisher, make_delivery())
+
+    assert queue.progress_writes() == [("resp_1", 0, 0)]  # no delta was acknowledged
+
+
+async def test_progress_writes_are_throttled() -> None:
+    """At most one write per interval, each as far as acknowledged at the time."""
+    queue, publisher, clock = FakeQueue(), FakePublisher(), ManualClock()
+    delivery = make_delivery()
+    progress = Progress(queue, delivery, publisher, interval_s=0.5, clock=clock)  # type: ignore[arg-type]
+    await publisher.open()
+    assert await progress.started("resp_1", 0)
+    for sequence, (delta, at) in enumerate([("a", 0.1), ("bb", 0.3), ("ccc", 0.6), ("d", 0.7)]):
+        clock.now = at
+        publisher.append(delta)
+        assert await progress.delta(5 + sequence, len(publisher.text))
+    assert queue.progress_writes() == [("resp_1", 0, 0), ("resp_1", 7, 6)]
+
+
+async def test_a_foreground_answer_records_no_model_response() -> None:
+    queue, publisher = FakeQueue(), FakePublisher()
+    await run(queue, FakeModel(*answer("Hel", "lo")), publisher, make_delivery())
+    assert queue.progress_writes() == []
+
+
+async def test_a_reclaimed_job_continues_its_model_response_into_the_message_as_it_stands() -> None:
+    """No reset, no second model call: the message keeps its text and the same model
+    response goes on after the recorded sequence number."""
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hello")
+    recorded(queue, "resp_1", 6, 5)
+    model = FakeModel(*answer("A second answer"), resumed=resumed_deltas(" wor", "ld", after=6))
+
+    outcome, logs = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert model.streamed == []  # the model was not asked again
+    assert model.resumes == [("resp_1", 6)]
+    assert publisher.opened == []  # never reopened with a reset
+    assert publisher.continued == [("serial-0", 5)]
+    assert publisher.text == "Hello world"
+    assert publisher.closed == [(Status.COMPLETE, None)]  # with the full text
+    assert [c.name for c in queue.endings()] == ["complete"]
+    started = the_one(logs, "job.started")
+    assert started["continued"] is True and started["model_response_id"] == "resp_1"
+    assert queue.progress_writes()[-1] == ("resp_1", 8, 11)
+
+
+async def test_text_the_message_holds_past_the_record_is_not_sent_again() -> None:
+    """Appends acknowledged after the last record: the message holds "Hello wo" where
+    the record says 5 characters. The resumed " wor" is taken as shown, not repeated."""
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hello wo")
+    recorded(queue, "resp_1", 6, 5)
+    model = FakeModel(resumed=resumed_deltas(" wor", "ld", after=6))
+
+    outcome, _ = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert publisher.text == "Hello world"
+    assert publisher.sent == "rld"  # only what the message did not hold
+    assert publisher.replaced == 0
+
+
+@pytest.mark.parametrize(
+    "resumed",
+    [
+        pytest.param([Gone("model API returned HTTP 404: not found")], id="gone"),
+        pytest.param(
+            [TextDelta(" wor", 7), Gone("the model response failed upstream")],
+            id="failed-after-some-text",
+        ),
+        pytest.param([Gone("the model response is cancelled")], id="cancelled"),
+    ],
+)
+async def test_a_model_response_that_cannot_be_continued_is_regenerated(
+    resumed: list[Any],
+) -> None:
+    """Gone, failed or cancelled upstream: the record forgets it first (before the
+    message is reset), then the message is reset and the model asked again."""
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hello")
+    recorded(queue, "resp_1", 6, 5)
+    model = FakeModel(*background_answer("resp_2", "Fresh ", "answer"), resumed=resumed)
+    opened_with_record: list[dict[str, str]] = []
+    open_first = publisher.open
+
+    async def open_checking(serial: str | None = None, *, resuming: bool = False) -> Any:
+        opened_with_record.append(dict(queue.records["job-1"]))
+        return await open_first(serial, resuming=resuming)
+
+    publisher.open = open_checking  # type: ignore[method-assign]
+
+    outcome, logs = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert model.resumes == [("resp_1", 6)] and model.streamed == ["job-1"]
+    assert "model_response_id" not in opened_with_record[0]  # forgotten before the reset
+    assert publisher.opened == [("serial-0", True)]  # the reset, as without a record
+    assert publisher.text == "Fresh answer"
+    writes = queue.progress_writes()
+    forgotten = writes.index((None, -1, 0))
+    assert writes[forgotten + 1] == ("resp_2", 0, 0)
+    assert all(w[0] == "resp_2" for w in writes[forgotten + 1 :])
+    assert queue.records["job-1"]["model_response_id"] == "resp_2"
+    assert the_one(logs, "job.continue_failed")["model_response_id"] == "resp_1"
+
+
+async def test_a_message_missing_recorded_text_is_regenerated_not_continued() -> None:
+    """The message holds less than the record says was acknowledged: continuing would
+    lose text, so the answer is regenerated (and the model response not resumed)."""
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hel")
+    recorded(queue, "resp_1", 6, 5)
+    model = FakeModel(*background_answer("resp_2", "Fresh"), resumed=resumed_deltas("x", after=6))
+
+    outcome, logs = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert model.resumes == [] and model.streamed == ["job-1"]
+    assert publisher.text == "Fresh"
+    assert "recorded text" in the_one(logs, "job.continue_failed")["reason"]
+
+
+async def test_a_continued_message_already_closed_complete_is_acknowledged() -> None:
+    queue, publisher = FakeQueue(), FakePublisher(holds="Done.", finished=Status.COMPLETE)
+    recorded(queue, "resp_1", 9, 5)
+    model = FakeModel(*answer("again"), resumed=resumed_deltas("x", after=9))
+
+    outcome, logs = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.COMPLETED
+    assert model.resumes == [] and model.streamed == []
+    assert publisher.closed == []
+    assert the_one(logs, "job.completed")["found_finished"] is True
+
+
+async def test_a_resumed_stream_that_breaks_is_retried_and_keeps_its_record() -> None:
+    """A connection cut while continuing: retried as any break, the record kept (and
+    moved on) so that the next attempt continues further on."""
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hello")
+    recorded(queue, "resp_1", 6, 5)
+    cut = Failed("model connection failed: APIConnectionError", retryable=True)
+    model = FakeModel(resumed=[*resumed_deltas(" wor", after=6, done=False), cut])
+
+    outcome, _ = await run(queue, model, publisher, resumed_delivery())
+
+    assert outcome is Outcome.RETRY
+    assert publisher.closed == [(Status.INTERRUPTED, cut.error)]
+    assert (None, -1, 0) not in queue.progress_writes()
+    assert queue.records["job-1"]["model_sequence"] == "7"
+    assert queue.records["job-1"]["model_chars"] == "9"
+
+
+@pytest.mark.parametrize("when", ["started", "forget"])
+async def test_a_refused_progress_write_is_fenced(when: str) -> None:
+    queue, publisher = FakeQueue(), FakePublisher(holds="Hel")
+    queue.refuse.add("record_progress")
+    model = FakeModel(*background_answer("resp_2", "Fresh"))
+    delivery = make_delivery()
+    if when == "forget":  # the message lacks recorded text: the record is to be forgotten
+        recorded(queue, "resp_1", 6, 5)
+        delivery = resumed_delivery()
+
+    outcome, logs = await run(queue, model, publisher, delivery)
+
+    assert outcome is Outcome.ABANDONED
+    assert the_one(logs, "job.fenced")["step"] == "record_progress"
+    assert queue.endings() == [] and publisher.closed == []
+    assert publisher.text == ""  # nothing of the answer was sent
+    if when == "forget":
+        assert publisher.opened == []  # the message was not reset either
+
+
+async def test_a_user_cancel_cancels_the_background_response_upstream() -> None:
+    model = FakeModel(Started("resp_1", 0), TextDelta("Partial ", 5), Pause(INF))
+    outcome, _, publisher, logs = await stop_mid_stream(StopReason.USER_CANCEL, model)
+
+    assert outcome is Outcome.CANCELLED
+    assert publisher.closed == [(Status.CANCELLED, None)]
+    assert model.cancelled == ["resp_1"]
+    assert the_one(logs, "job.model_cancelled")["model_response_id"] == "resp_1"
+
+
+async def test_an_upstream_cancel_that_fails_is_logged_and_changes_nothing() -> None:
+    model = FakeModel(
+        Started("resp_1", 0), TextDelta("Partial ", 5), Pause(INF),
+        cancel_error="no answer in 3 s",
+    )  # fmt: skip
+    outcome, queue, _, logs = await stop_mid_stream(StopReason.USER_CANCEL, model)
+
+    assert outcome is Outcome.CANCELLED
+    assert [c.args[1] for c in queue.endings()] == [JobState.CANCELLED]
+    assert the_one(logs, "job.model_cancel_failed")["error"] == "no answer in 3 s"
+
+
+@pytest.mark.parametrize("reason", [StopReason.SHUTDOWN, StopReason.HEARTBEAT_LOST])
+async def test_a_stop_that_is_not_a_users_cancel_leaves_the_response_running(
+    reason: StopReason,
+) -> None:
+    """The next attempt (a successor, a reclaimer) continues it."""
+    model = FakeModel(Started("resp_1", 0), TextDelta("Partial ", 5), Pause(INF))
+    _, queue, _, _ = await stop_mid_stream(reason, model)
+
+    assert model.cancelled == []
+    assert queue.records["job-1"]["model_response_id"] == "resp_1"

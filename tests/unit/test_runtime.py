@@ -278,11 +278,6 @@ async def test_a_users_cancel_stops_their_answer_and_only_on_its_channel(
 # -- found while writing these tests (fixed, or xfail until fixed) -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime._on_cancel accepts a cancel from any client on the channel; DESIGN.md: "
-    "only the job's user (user_client_id) or a client with an allowed role may cancel",
-)
 async def test_only_the_jobs_user_may_cancel_it(
     pool: ConnectionPool, channel: Callable[[], str], local_ably: LocalAbly
 ) -> None:

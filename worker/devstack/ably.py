@@ -50,7 +50,13 @@ class AblyKey:
         return f"{self.key_name}:{self.secret}"
 
 
-def render_config(key: AblyKey, host: str, port: int, stats_flush_interval_ms: int = 0) -> str:
+def render_config(
+    key: AblyKey,
+    host: str,
+    port: int,
+    stats_flush_interval_ms: int = 0,
+    resume_window_s: int = 120,
+) -> str:
     """A Sockudo configuration for local development: one app, everything in memory.
 
     Ably compatibility on; every channel takes updates and appends (versioned messages)
@@ -144,7 +150,8 @@ enabled = true
 
 [connection_recovery]
 enabled = true
-buffer_ttl_seconds = 120
+# How long a dropped connection can still be resumed (Ably's is about two minutes).
+buffer_ttl_seconds = {resume_window_s}
 max_buffer_size = 1000
 
 [idempotency]
@@ -172,6 +179,7 @@ class LocalAbly(ChildServer):
     host: str = "127.0.0.1"
     log_level: str = "warn"
     stats_flush_interval_ms: int = 0  # Sockudo's ACK batching; see render_config
+    resume_window_s: int = 120  # a dropped connection resumes within this, else starts anew
 
     @property
     def endpoint(self) -> str:
@@ -185,7 +193,11 @@ class LocalAbly(ChildServer):
         self._workdir = tempfile.TemporaryDirectory(prefix="local-ably-")
         config = Path(self._workdir.name) / "sockudo.toml"
         key = AblyKey.parse(self.key)
-        config.write_text(render_config(key, self.host, self.port, self.stats_flush_interval_ms))
+        config.write_text(
+            render_config(
+                key, self.host, self.port, self.stats_flush_interval_ms, self.resume_window_s
+            )
+        )
         # A clean environment: Sockudo reads PORT, REDIS_URL and many more from it.
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": self.log_level}
         self._proc = subprocess.Popen(

@@ -18,6 +18,7 @@ expired (`reclaim`), so a slow but live worker keeps its jobs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -25,21 +26,28 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from worker.jobs import Job, JobError, parse_job
 from worker.queue.base import Delivery, JobState, QueueStats
+from worker.sessions.keys import OPEN_SESSION_LUA, session_key, sessions_key
 
 GROUP = "workers"
 
-_ENQUEUE = """
+# KEYS[3] the sessions sorted set, ARGV[5] the prefix: the job's channel becomes (or stays)
+# a session the worker listens on, opened no later than this enqueue.
+_ENQUEUE = (
+    OPEN_SESSION_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'channel', ARGV[2],
            'enqueued_at', ARGV[3], 'entry', entry, 'payload', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+open_session(KEYS[3], ARGV[5], ARGV[2], ARGV[3])
 return 1
 """
+)
 
 # Returns {attempts, response_serial} for a job this worker may run, {-1} for a second
 # entry of a job that already has one (a duplicate enqueue), {-2} for a finished job.
@@ -105,6 +113,24 @@ return 1
 """
 )
 
+# The background model response the channel message holds the text of, for a later
+# attempt to continue (not a transition: the job stays running). ARGV[5] its id ('' forgets
+# it), ARGV[6] the sequence number of its last event whose text the message holds
+# (acknowledged by Ably), ARGV[7] the length of the message's text up to there.
+_PROGRESS = (
+    _OWNED
+    + """
+if not owned() then return 0 end
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[1], 'model_response_id', 'model_sequence', 'model_chars')
+else
+  redis.call('HSET', KEYS[1], 'model_response_id', ARGV[5], 'model_sequence', ARGV[6],
+             'model_chars', ARGV[7])
+end
+return 1
+"""
+)
+
 # ARGV[5] final state, ARGV[6] finished_at, ARGV[7..] field, value pairs (the figures).
 _COMPLETE = (
     _OWNED
@@ -156,6 +182,25 @@ done_with_entry()
 return 1
 """
 )
+
+
+# A user's cancel. KEYS[1] record, KEYS[2] delayed set; ARGV[1] job id, ARGV[2] now.
+# A job not yet running is cancelled for good (its entry, if taken, is dropped at take);
+# a running one is flagged, and the runtime running it stops it. Returns the outcome.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'unknown' end
+if state == 'queued' or state == 'retrying' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 'cancelled'
+end
+if state == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
+  return 'running'
+end
+return state
+"""
 
 
 # Puts a dead-lettered job back: a fresh record (attempts from zero) and a new entry.
@@ -213,11 +258,13 @@ class RedisStreamsQueue:
         self._promote = redis.register_script(_PROMOTE)
         self._owns = redis.register_script(_OWNS)
         self._set_serial = redis.register_script(_SET_SERIAL)
+        self._progress = redis.register_script(_PROGRESS)
         self._complete = redis.register_script(_COMPLETE)
         self._retry = redis.register_script(_RETRY)
         self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._requeue = redis.register_script(_REQUEUE)
         self._retry_dead = redis.register_script(_RETRY_DEAD)
+        self._cancel = redis.register_script(_CANCEL)
 
     def record_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -236,9 +283,24 @@ class RedisStreamsQueue:
 
     async def enqueue(self, job: Job) -> bool:
         """Add a job; False if a job with this id exists already (then nothing changes)."""
-        keys = [self.record_key(job.id), self.stream]
-        args: list[str | int] = [job.to_json(), job.channel, now_ms(), self.record_ttl_s]
+        keys = [self.record_key(job.id), self.stream, sessions_key(self.prefix)]
+        args: list[str | int] = [
+            job.to_json(),
+            job.channel,
+            now_ms(),
+            self.record_ttl_s,
+            self.prefix,
+        ]
         return bool(await self._enqueue(keys=keys, args=args))
+
+    async def touch_session(self, channel: str, at_ms: int | None = None) -> None:
+        """Mark the channel's session active now (opening it if new): a job on it was
+        taken or finished. Jobs added with a raw XADD open their session here."""
+        at = at_ms or now_ms()
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.zadd(sessions_key(self.prefix), {channel: at}, gt=True)
+            tx.hsetnx(session_key(self.prefix, channel), "opened_at", at)
+            await tx.execute()
 
     # -- consuming --------------------------------------------------------------------
 
@@ -312,6 +374,8 @@ class RedisStreamsQueue:
         if int(attempts) < 0:  # duplicate entry, or a job already finished: drop the entry
             await self._ack(entry_id)
             return None
+        if job is not None:
+            await self.touch_session(job.channel, int(entry_id.split("-")[0]))
         delivery = Delivery(
             entry_id=entry_id, job_id=job_id, attempt=int(attempts), job=job, error=error,
             response_serial=serial or None, reclaimed=reclaimed,
@@ -340,6 +404,19 @@ class RedisStreamsQueue:
     async def set_response_serial(self, delivery: Delivery, serial: str) -> bool:
         return await self._fenced(self._set_serial, delivery, serial)
 
+    async def record_progress(
+        self,
+        delivery: Delivery,
+        model_response_id: str | None,
+        sequence: int = -1,
+        chars: int = 0,
+    ) -> bool:
+        """Record (None: forget) the background model response whose text the channel
+        message holds, up to event `sequence` and `chars` characters of text."""
+        return await self._fenced(
+            self._progress, delivery, model_response_id or "", sequence, chars
+        )
+
     async def complete(
         self,
         delivery: Delivery,
@@ -351,7 +428,11 @@ class RedisStreamsQueue:
         for name, value in (figures or {}).items():
             if value is not None:
                 pairs += [name, value if isinstance(value, str) else json.dumps(value)]
-        return await self._fenced(self._complete, delivery, str(state), now_ms(), *pairs)
+        done = await self._fenced(self._complete, delivery, str(state), now_ms(), *pairs)
+        if done and delivery.job is not None:
+            with contextlib.suppress(RedisError):  # an answer is activity; best effort
+                await self.touch_session(delivery.job.channel)
+        return done
 
     async def retry(self, delivery: Delivery, error: str) -> bool:
         """Schedule the next attempt after a backoff (the runner decided it is not the last)."""
@@ -369,6 +450,22 @@ class RedisStreamsQueue:
     async def requeue_interrupted(self, delivery: Delivery) -> bool:
         """Give a job this worker could not finish (shutdown) straight back to the queue."""
         return await self._fenced(self._requeue, delivery)
+
+    async def cancel(self, job_id: str) -> str:
+        """A user asked to stop this job: `cancelled` (it was not running: it never
+        will), `running` (flagged: its worker stops it), or its finished state."""
+        keys = [self.record_key(job_id), self.delayed]
+        return str(await self._cancel(keys=keys, args=[job_id, now_ms()]))
+
+    async def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of these running jobs a user has asked to stop (`cancel`)."""
+        if not job_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.record_key(job_id), "cancel_requested")
+            flags = await pipe.execute()
+        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
 
     async def promote_due(self) -> int:
         """Move retries whose backoff has passed back into the stream; returns how many."""

@@ -11,13 +11,17 @@ streaming code. The table is in the README for front-end developers.
 | response ends | `response` | update | full text | status: complete, cancelled, failed... |
 | user cancels | `cancel` | create | anything | responseId |
 | user asks | `prompt` | create | prompt text | optional model, pattern |
+
+What users send is read here too (`user_message`): the sender is the clientId Ably
+reports, and a role is read from `extras.userClaim`, which Ably sets from the sender's
+token (never from a header the client wrote).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from ably.types.message import Message
 
@@ -123,3 +127,51 @@ def is_used_message_id(error: Any) -> bool:
     code = getattr(error, "code", None)
     text = str(getattr(error, "message", "") or error).lower()
     return code == 40000 and "already used" in text
+
+
+@dataclass(frozen=True)
+class UserMessage:
+    """A `prompt` or `cancel` a user published on a conversation channel."""
+
+    kind: Literal["prompt", "cancel"]
+    serial: str
+    timestamp: int  # ms, as Ably stamped it
+    client_id: str | None  # as Ably reports it: the token's identity
+    message_id: str | None = None
+    text: str | None = None  # a prompt's text
+    response_id: str | None = None  # what a cancel stops
+    model: str | None = None
+    pattern: str | None = None
+    user_claim: str | None = None  # Ably-verified, from the sender's token
+
+
+def user_message(message: Any) -> UserMessage | None:
+    """The user's prompt or cancel in a channel message, or None for anything else."""
+    name = getattr(message, "name", None)
+    serial = getattr(message, "serial", None)
+    if name not in (PROMPT, CANCEL) or not isinstance(serial, str):
+        return None
+    extras = getattr(message, "extras", None)
+    claim = extras.get("userClaim") if isinstance(extras, dict) else None
+    data = getattr(message, "data", None)
+    return UserMessage(
+        kind="prompt" if name == PROMPT else "cancel",
+        serial=serial,
+        timestamp=int(getattr(message, "timestamp", 0) or 0),
+        client_id=getattr(message, "client_id", None) or None,
+        message_id=getattr(message, "id", None),
+        text=data if isinstance(data, str) else None,
+        response_id=header(message, "responseId"),
+        model=header(message, "model"),
+        pattern=header(message, "pattern"),
+        user_claim=claim if isinstance(claim, str) else None,
+    )
+
+
+def may_cancel(
+    client_id: str | None, user_claim: str | None, owner: str | None, roles: frozenset[str]
+) -> bool:
+    """Only the job's own user, or a client whose Ably-verified claim is an allowed role."""
+    if client_id is not None and owner is not None and client_id == owner:
+        return True
+    return user_claim is not None and user_claim in roles

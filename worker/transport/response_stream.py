@@ -12,11 +12,18 @@ the text as the appends built it.
 A retry finds the earlier attempt's message (by the serial it saved, or else by its
 message id and `responseId` in the channel's history, when the attempt died before
 saving it): one closed complete or cancelled is left alone, any other is reopened.
+
+Continuing instead (`continue_message`, for a background model response that goes on
+upstream): the message is taken as it stands, never emptied. `acked_chars` says how much
+of `text` Ably has acknowledged, in order, for the job record; the message may hold more
+than the record says (appends acknowledged after it was written), so the resumed deltas
+that repeat what it holds are taken as sent, not sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -63,6 +70,17 @@ class ResponseStream:
         self._last_send = -float("inf")
         self._timer: asyncio.TimerHandle | None = None
         self._pending: list[asyncio.Task[Any]] = []
+        self._restart()
+
+    def _restart(self) -> None:
+        """Forget the text: a new message, or a continuation that could not go on."""
+        self.serial = None
+        self.text = ""
+        self.acked_chars = 0  # the prefix of `text` Ably acknowledged, every send in order
+        self._unacked: deque[tuple[asyncio.Task[Any], int]] = deque()  # (send, text end)
+        self._ack_broken = False  # a send failed: the message may have a hole from there
+        self._shown = ""  # text the continued message holds past `text`, not yet resumed
+        self._replace = False  # the next send replaces the whole text (it held other text)
 
     def _may_send(self) -> bool:
         if self.aborted:
@@ -83,6 +101,9 @@ class ResponseStream:
         """Start the message, or reopen the one an earlier attempt started (emptied, so the
         retry's text replaces the old one rather than following it). Returns the status of
         an earlier attempt's message that is already finished, which is then left alone."""
+        if self.serial is not None:  # after `continue_message`: the continuation failed
+            await self.flush()
+            self._restart()
         found = await self._earlier(serial) if resuming or serial else None
         if found is None:
             found = await self._create()
@@ -93,6 +114,30 @@ class ResponseStream:
             reset = contract.response_replace(found.serial, "", self.headers)
             await self._paced(lambda: self.channel.update_message(reset), "the reopening update")
             self.serial = found.serial
+        return None
+
+    async def continue_message(self, serial: str, chars: int) -> Status | None:
+        """Take an earlier attempt's message as it stands (no reset: its text stays and
+        the answer goes on after it). `chars`: how much of its text the job record says
+        was acknowledged. Returns the status of a message already finished (complete or
+        cancelled), left alone as `open` leaves it. When it cannot be continued (not
+        found, closed failed, or holding less than `chars`) `serial` stays None: the
+        caller regenerates with `open`."""
+        found = await lookup.response_state(self.channel, serial)
+        if found is None:
+            return None
+        if found.status in FINISHED:
+            self.serial = found.serial
+            return Status(found.status)
+        if found.closed or len(found.text) < chars:
+            return None
+        if found.status != Status.STREAMING:  # e.g. `interrupted` by a drain: text kept
+            update = contract.response_close(found.serial, self.headers)
+            await self._paced(lambda: self.channel.update_message(update), "the reopening update")
+        self.serial = found.serial
+        self.text = found.text[:chars]
+        self.acked_chars = chars
+        self._shown = found.text[chars:]
         return None
 
     async def _earlier(self, serial: str | None) -> lookup.FoundResponse | None:
@@ -127,12 +172,30 @@ class ResponseStream:
         """Take one delta; returns at once (sends happen in their own tasks, in order)."""
         if not delta or self.serial is None:
             return
-        self.text += delta
         self.deltas += 1
+        if self._shown:
+            delta = self._skip_shown(delta)
+            if not delta:
+                return
+        self.text += delta
         self._buffer += delta
         if self._timer is None:
             wait = self._last_send + self.pacer.min_interval_s() - asyncio.get_running_loop().time()
             self._later(wait, self._take_token)
+
+    def _skip_shown(self, delta: str) -> str:
+        """What of `delta` the continued message does not hold yet. The part that repeats
+        its text is taken as sent; if it differs (the message holds text this response
+        did not write there) the next send replaces the whole text."""
+        n = min(len(delta), len(self._shown))
+        if delta[:n] != self._shown[:n]:
+            self._shown, self._replace = "", True
+            return delta
+        self.text += delta[:n]
+        self._shown = self._shown[n:]
+        if not self._ack_broken and not self._unacked:
+            self.acked_chars = len(self.text)  # on the channel already
+        return delta[n:]
 
     def _later(self, wait: float, step: Callable[[], None]) -> None:
         if wait > 0:
@@ -148,11 +211,30 @@ class ResponseStream:
         self._timer = None
         if not self._buffer or self.serial is None or not self._may_send():
             return
-        message = contract.response_append(self.serial, self._buffer, self.headers)
+        if self._replace:
+            self._replace = False
+            whole = contract.response_replace(self.serial, self.text, self.headers)
+            send = self.channel.update_message(whole)
+        else:
+            message = contract.response_append(self.serial, self._buffer, self.headers)
+            send = self.channel.append_message(message)
         self._buffer = ""
         self._last_send = asyncio.get_running_loop().time()
         self.appends += 1
-        self._pending.append(asyncio.create_task(self.channel.append_message(message)))
+        task = asyncio.create_task(send)
+        self._pending.append(task)
+        self._unacked.append((task, len(self.text)))
+        task.add_done_callback(self._on_sent)
+
+    def _on_sent(self, _: asyncio.Task[Any]) -> None:
+        """Move `acked_chars` on over the sends acknowledged in order; stop for good at
+        one that failed (the text after it may have a hole on the channel)."""
+        while self._unacked and self._unacked[0][0].done():
+            task, end = self._unacked.popleft()
+            if task.cancelled() or task.exception() is not None:
+                self._ack_broken = True
+            if not self._ack_broken:
+                self.acked_chars = end
 
     async def flush(self) -> list[BaseException]:
         """Send what is coalescing, then wait for every append; returns the failures."""

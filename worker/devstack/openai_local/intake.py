@@ -21,6 +21,7 @@ def admit(
     """The plan for this attempt, or the HTTP error it was asked to fail with."""
     options = resolve(state.config, model, body.get("metadata"))
     state.ledger.record_attempt(prompt)
+    state.ledger.record_request(prompt, body)
     fails = state.ledger.should_fail(prompt, options)
     if fails and options.fail in HTTP_FAILURES:
         return failure_response(options.fail, options.retry_after_s)

@@ -1,16 +1,22 @@
-"""What the server remembers across requests: attempts per prompt, failures handed out.
+"""What the server remembers across requests: attempts per prompt, failures handed out,
+and what the last request for each prompt carried.
 
 `local_fail_times = N` fails only the first N attempts of a (prompt, failure) pair,
-so a client that retries eventually succeeds. Both books are bounded.
+so a client that retries eventually succeeds. Every book is bounded.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from typing import Any
 
 from worker.devstack.openai_local.options import RequestOptions
 
 _MAX_KEYS = 100_000
+_MAX_REQUESTS = 1_000  # request bodies are bigger than counts: fewer of them
+# What `last_request` shows of a create request: the conversation the model was given.
+REQUEST_FIELDS = ("model", "previous_response_id", "instructions", "input", "messages")
 
 
 class _BoundedCounter:
@@ -33,9 +39,23 @@ class _BoundedCounter:
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, max_requests: int = _MAX_REQUESTS) -> None:
         self._attempts = _BoundedCounter()
         self._failures = _BoundedCounter()
+        self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._max_requests = max_requests
+
+    def record_request(self, prompt: str, body: dict[str, Any]) -> None:
+        """Keep what this create request carried, as the last one for its prompt."""
+        self._requests.pop(prompt, None)
+        self._requests[prompt] = {k: copy.deepcopy(body.get(k)) for k in REQUEST_FIELDS}
+        if len(self._requests) > self._max_requests:
+            self._requests.popitem(last=False)
+
+    def last_request(self, prompt: str) -> dict[str, Any] | None:
+        """The last create request for this prompt (`REQUEST_FIELDS`, None where absent)."""
+        request = self._requests.get(prompt)
+        return copy.deepcopy(request) if request is not None else None
 
     def record_attempt(self, prompt: str) -> None:
         self._attempts.add((prompt,))
@@ -57,3 +77,4 @@ class Ledger:
     def clear(self) -> None:
         self._attempts.clear()
         self._failures.clear()
+        self._requests.clear()

@@ -126,8 +126,15 @@ class OpenAILocalServer(InProcessServer):
         """How many create requests carried this prompt (retries included)."""
         return self.state.ledger.attempts(prompt)
 
+    def last_request(self, prompt: str) -> dict[str, Any] | None:
+        """What the last create request with this prompt (its last user text) carried:
+        `model`, `previous_response_id`, `instructions`, and `input` (Responses) or
+        `messages` (Chat Completions), None where absent; None if there was none. The
+        server remembers the last 1,000 prompts."""
+        return self.state.ledger.last_request(prompt)
+
     def reset(self) -> None:
-        """Forget attempts and the failures handed out (`local_fail_times`)."""
+        """Forget attempts, the failures handed out (`local_fail_times`) and requests."""
         self.state.ledger.clear()
 
     async def start(self) -> None:

@@ -1,0 +1,289 @@
+"""One conversation channel, held by this process: the resume routine, then live.
+
+Every message the subscription delivers goes into one inbox, and one task processes
+the inbox in order, so a session's messages are handled one at a time, in publish order.
+That task first runs the resume routine (whenever the session is taken, and again when
+Ably re-attaches the channel without resuming it): history back to the checkpoint, oldest
+first, then what the inbox held meanwhile. Each serial is processed once.
+
+A `prompt` becomes a job (id: its Ably message id). Prompts of one conversation are
+answered one at a time: while an answer is active, later prompts wait (kept in Redis)
+and are enqueued when it ends, chained to it (`previous_response_id`, or the transcript
+with Chat Completions). A `cancel` from the job's user, or from a client whose verified
+claim has a role in `CANCEL_ROLES`, stops the job whatever its state. After each user
+message the checkpoint advances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ably.types.channelstate import ChannelState
+
+from worker.jobs import Job, JobError, Pattern, parse_job
+from worker.logs import get_logger
+from worker.queue import Queue
+from worker.sessions import conversation
+from worker.sessions.resume import Checkpoint, missed_since
+from worker.sessions.store import SessionStore
+from worker.transport import contract
+from worker.transport.contract import UserMessage
+
+log = get_logger("worker.session")
+
+FINISHED = ("completed", "cancelled", "dead")
+POLL_S = 0.25  # how often a session with an active answer checks whether it has ended
+SEEN_SERIALS = 10_000
+_RESUME = object()  # an inbox item: run the resume routine again
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    api: Literal["responses", "chat"] = "responses"
+    cancel_roles: frozenset[str] = frozenset()
+    transcript_chars: int = conversation.TRANSCRIPT_CHARS
+
+
+class Session:
+    def __init__(
+        self,
+        name: str,
+        client: Any,
+        store: SessionStore,
+        queue: Queue,
+        options: SessionOptions,
+        agent_ids: Callable[[], Awaitable[set[str]]],
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.store = store
+        self.queue = queue
+        self.options = options
+        self.agent_ids = agent_ids
+        self.channel: Any = None
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._first_live: str | None = None  # the first serial the subscription delivered
+        self._resuming = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Attach and subscribe (holding live messages), then resume in the background."""
+        self.channel = self.client.channels.get(self.name)
+
+        def on_message(message: Any) -> None:
+            if self._first_live is None:
+                self._first_live = getattr(message, "serial", None)
+            self._inbox.put_nowait(message)
+
+        def on_attached(change: Any) -> None:
+            # A re-attach Ably could not resume may have lost messages: catch up again.
+            if not getattr(change, "resumed", True) and self._task is not None:
+                self._first_live = None  # the next message delivered bounds this catch-up
+                self._inbox.put_nowait(_RESUME)
+
+        self._on_message = on_message
+        self._on_attached = on_attached
+        await self.channel.subscribe(on_message)
+        self.channel.on(ChannelState.ATTACHED, on_attached)
+        self.channel.on("update", on_attached)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                self.channel.unsubscribe(self._on_message)
+                self.channel.off(ChannelState.ATTACHED, self._on_attached)
+                self.channel.off("update", self._on_attached)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.channel.detach(), 2.0)
+
+    async def _run(self) -> None:
+        await self._step(self._resume("taken"))
+        while True:
+            try:
+                item = await asyncio.wait_for(self._inbox.get(), POLL_S)
+            except TimeoutError:
+                await self._step(self._advance())
+                continue
+            if item is _RESUME:
+                await self._step(self._resume("reattached"))
+            else:
+                await self._step(self._handle(item))
+
+    async def _step(self, work: Awaitable[None]) -> None:
+        """One step; a failure (Redis or Ably away) is logged and the session goes on."""
+        try:
+            await work
+        except Exception as exc:
+            log.warning(
+                "session.step_failed", channel=self.name, error=f"{type(exc).__name__}: {exc}"
+            )
+            await asyncio.sleep(POLL_S)
+
+    # -- the resume routine -------------------------------------------------------------
+
+    async def _resume(self, reason: str) -> None:
+        started = time.monotonic()
+        state = await self.store.state(self.name)
+        checkpoint = Checkpoint(state.checkpoint_serial, state.checkpoint_at or state.opened_at)
+        missed = await missed_since(self.channel, checkpoint, live_from=self._first_live)
+        counts = {"prompts": 0, "cancels": 0, "skipped": 0}
+        for message in missed.messages:
+            kind = await self._process(message)
+            counts[kind] += 1
+        log.info("session.resumed", channel=self.name, reason=reason, pages=missed.pages,
+                 held=self._inbox.qsize(), ms=round((time.monotonic() - started) * 1000),
+                 **counts)  # fmt: skip
+        await self._advance()
+
+    # -- one message --------------------------------------------------------------------
+
+    async def _handle(self, message: Any) -> None:
+        await self._process(message)
+
+    async def _process(self, message: Any) -> Literal["prompts", "cancels", "skipped"]:
+        serial = getattr(message, "serial", None)
+        if not isinstance(serial, str) or serial in self._seen:
+            return "skipped"
+        user = contract.user_message(message)
+        if user is None:
+            self._remember(serial)
+            return "skipped"
+        if user.client_id is None or user.client_id in await self.agent_ids():
+            reason = "no clientId" if user.client_id is None else "from an agent"
+            log.info("session.message_ignored", channel=self.name, kind=user.kind, reason=reason)
+            kind: Literal["prompts", "cancels", "skipped"] = "skipped"
+        elif user.kind == "prompt":
+            kind = "prompts" if await self._prompt(user) else "skipped"
+        else:
+            await self._cancel(user)
+            kind = "cancels"
+        # Processed (enqueued, waiting in Redis, applied or refused): never again.
+        await self.store.save(self.name, checkpoint_serial=serial, checkpoint_at=user.timestamp)
+        await self.store.touch(self.name)
+        self._remember(serial)
+        return kind
+
+    def _remember(self, serial: str) -> None:
+        self._seen[serial] = None
+        while len(self._seen) > SEEN_SERIALS:
+            self._seen.popitem(last=False)
+
+    # -- prompts: one answer at a time ---------------------------------------------------
+
+    async def _prompt(self, user: UserMessage) -> bool:
+        fields: dict[str, Any] = {
+            "id": conversation.job_id_for(user.message_id, user.serial),
+            "channel": self.name,
+            "input": user.text or "",
+            "user_client_id": user.client_id,
+        }
+        if user.model:
+            fields["model"] = user.model
+        if user.pattern in {p.value for p in Pattern}:
+            fields["pattern"] = user.pattern
+        try:
+            parse_job(fields)
+        except JobError as exc:
+            log.warning("session.prompt_refused", channel=self.name, reason=str(exc))
+            return False
+        fields["_serial"] = user.serial  # where it stands in the channel, for the transcript
+        state = await self.store.state(self.name)
+        waiting = [w for w in state.waiting if w["id"] != fields["id"]]
+        await self.store.save(self.name, waiting=[*waiting, fields])
+        log.info("session.prompt", channel=self.name, job_id=fields["id"],
+                 chars=len(user.text or ""), waiting=len(waiting) + 1)  # fmt: skip
+        await self._advance()
+        return True
+
+    async def _advance(self) -> None:
+        """If no answer is active, enqueue the next waiting prompt, chained to the last."""
+        state = await self.store.state(self.name)
+        if state.active is not None:
+            record = await self.queue.status(state.active) or {}
+            if record.get("state") not in FINISHED and record:
+                return
+            if record.get("state") == "completed" and record.get("model_response_id"):
+                state.last_response_id = record["model_response_id"]
+            await self.store.save(self.name, active=None, last_response_id=state.last_response_id)
+        if not state.waiting:
+            return
+        fields, rest = dict(state.waiting[0]), state.waiting[1:]
+        serial = fields.pop("_serial", None)
+        await self._chain(fields, state.last_response_id, serial)
+        job = Job(**fields)
+        new = await self.queue.enqueue(job)
+        await self.store.save(self.name, active=job.id, waiting=rest)
+        log.info("session.prompt_enqueued", channel=self.name, job_id=job.id, new=new,
+                 chained=bool(job.previous_response_id) or isinstance(job.input, list))  # fmt: skip
+
+    async def _chain(self, fields: dict[str, Any], last_response_id: str | None,
+                     serial: str | None) -> None:  # fmt: skip
+        if self.options.api == "responses":
+            if last_response_id:
+                fields["previous_response_id"] = last_response_id
+            return
+        turns = await conversation.transcript(
+            self.channel, serial or "~", self.options.transcript_chars
+        )
+        if turns:
+            fields["input"] = [*turns, {"role": "user", "content": fields["input"]}]
+
+    # -- cancels -----------------------------------------------------------------------
+
+    async def _cancel(self, user: UserMessage) -> None:
+        target = user.response_id
+        state = await self.store.state(self.name)
+        waiting = next((w for w in state.waiting if w["id"] == target), None)
+        record = await self.queue.status(target) if target else None
+        owner = waiting.get("user_client_id") if waiting else _owner(record)
+        if target is None or (waiting is None and not record):
+            log.info("job.cancel_refused", channel=self.name, job_id=target, by=user.client_id,
+                     reason="no such job")  # fmt: skip
+            return
+        if not contract.may_cancel(
+            user.client_id, user.user_claim, owner, self.options.cancel_roles
+        ):
+            log.warning("job.cancel_refused", channel=self.name, job_id=target, by=user.client_id,
+                        reason="not the job's user and no allowed role")  # fmt: skip
+            return
+        if waiting is not None:  # never enqueued: it simply never runs
+            await self.store.save(self.name, waiting=[w for w in state.waiting if w is not waiting])
+            outcome = "cancelled"
+        else:
+            outcome = await self.queue.cancel(target)
+            if outcome == "cancelled" and record and record.get("response_serial"):
+                await self._close_cancelled(target, record)
+        log.info("job.cancel_applied", channel=self.name, job_id=target, by=user.client_id,
+                 outcome=outcome)  # fmt: skip
+
+    async def _close_cancelled(self, job_id: str, record: dict[str, str]) -> None:
+        """A job cancelled between attempts: its message (left `interrupted`) is closed."""
+        headers = contract.Headers(response_id=job_id, model=record.get("model", ""))
+        closing = contract.response_close(
+            record["response_serial"], headers.with_status(contract.Status.CANCELLED)
+        )
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.channel.update_message(closing), 10)
+
+
+def _owner(record: dict[str, str] | None) -> str | None:
+    if not record or not record.get("payload"):
+        return None
+    try:
+        return parse_job(record["payload"]).user_client_id
+    except JobError:
+        return None
