@@ -247,6 +247,41 @@ async def test_a_cancel_from_another_user_is_refused(stack: Stack, channel_name:
     assert json.loads(record["payload"])["user_client_id"] == "alice"
 
 
+async def test_a_connection_that_cannot_resume_is_caught_up(
+    stack: Stack, channel_name: str
+) -> None:
+    """The worker's connection drops and comes back only after the resume window (here
+    5 s): the connection cannot be recovered (80008). Prompts published meanwhile are found
+    by the resume routine: none missed, none answered twice."""
+    from worker.devstack.ably import LocalAbly
+    from worker.devstack.fault_proxy import FaultProxy
+
+    async with LocalAbly(resume_window_s=5) as ably, FaultProxy(ably.endpoint) as proxy:
+        local = Stack(stack.redis, ably, stack.openai, stack.prefix)
+        settings = local.settings(listen_channels=channel_name, ably_endpoint=proxy.endpoint)
+        with capture_logs() as logs:
+            async with running_worker(settings), subscriber(local, channel_name) as live:
+                await asyncio.sleep(1.0)
+                await ask(local, channel_name, "before the outage")
+                await wait_answered(local, channel_name, 1)
+                proxy.blackhole(12.0)  # new connections are held past the resume window
+                await proxy.drop_connections()
+                await ask(local, channel_name, "during the outage 1", "during the outage 2")
+                await wait_answered(local, channel_name, 3, timeout=60)
+                await ask(local, channel_name, "after the outage")
+                await wait_answered(local, channel_name, 4, timeout=30)
+                await asyncio.sleep(0.5)
+        prompts, answers = await conversation(local, channel_name)
+    # Sockudo re-attaches with the channel serial the SDK sends, so it resumes the channel
+    # even on a new connection (a re-attach it cannot resume is the next test); the
+    # connection itself could not be recovered, and the worker replaced it.
+    events = [e["event"] for e in logs]
+    assert "ably.connection_recycled" in events, events
+    assert len(prompts) == 4
+    assert_one_answer_each(prompts, answers)
+    assert live.messages  # the subscriber saw the answers live
+
+
 async def test_a_reattach_that_ably_reports_as_not_resumed_runs_the_resume_routine(
     stack: Stack, channel_name: str
 ) -> None:

@@ -61,7 +61,7 @@ def make_sessions(
         lease_ttl_s=settings.session_lease_seconds,
         session=SessionOptions(api=settings.openai_api, cancel_roles=settings.cancel_role_set),
     )
-    return SessionManager(store, queue, pool.clients, options, agent_ids)
+    return SessionManager(store, queue, pool, options, agent_ids)
 
 
 def consumer_name(worker_id: str) -> str:

@@ -99,10 +99,13 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self.presence: AgentPresence | None = None
         self.started = time.monotonic()
+        self._last_reclaim = -float("inf")
+        self._presence_task: asyncio.Task[None] | None = None
 
     # -- the main loop -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.pool.on_recycle.append(self._on_recycle)
         await self.queue.ensure_group()
         await self._heartbeat()
         await self._enter_presence()
@@ -117,7 +120,6 @@ class Worker:
         ]
         # Stopped with the take loop: nothing new starts once the drain has begun.
         taking = [
-            asyncio.create_task(self._every(every.reclaim_interval_s, self._reclaim, stop)),
             asyncio.create_task(self._every(every.promote_interval_s, self._promote, stop)),
             asyncio.create_task(self._every(every.cancel_poll_s, self._poll_cancels, stop)),
         ]
@@ -148,6 +150,8 @@ class Worker:
                 self._slot_freed.clear()
                 continue
             try:
+                if await self._reclaim_if_due():
+                    continue  # slots filled by jobs a dead worker left: recount
                 if not self.lease.valid():
                     # A job taken now would be abandoned at once, having spent an attempt:
                     # renew the lease first (the heartbeat's own timer may be seconds away).
@@ -381,10 +385,24 @@ class Worker:
         lost = [r for r in self.running.values() if r.control.reason is None]
         if lost:
             log.error("worker.heartbeat_lost", abandoned=len(lost))
+            # What the SDK still holds for those jobs (queued while the connection was
+            # down, say while this process was frozen) must never go out: new clients.
+            self.pool.recycle_all("lease lapsed")
         for running in lost:
             running.control.reason = StopReason.HEARTBEAT_LOST
             if not running.control.finishing:  # a finishing job's sends and fence refuse
                 running.task.cancel()
+
+    async def _reclaim_if_due(self) -> bool:
+        """Reclaim before taking: a dead worker's half-written answers go first, not
+        behind the backlog. Returns whether it started any."""
+        now = time.monotonic()
+        if now - self._last_reclaim < self.options.reclaim_interval_s:
+            return False
+        self._last_reclaim = now
+        before = len(self.running)
+        await self._reclaim()
+        return len(self.running) > before
 
     async def _reclaim(self) -> None:
         free = self.options.concurrency - len(self.running)
@@ -404,6 +422,12 @@ class Worker:
         log.info("worker.stats", in_flight=len(self.running), waiting=stats.waiting,
                  pending=stats.pending, delayed=stats.delayed, dead=stats.dead,
                  live_workers=len(stats.workers), lag_s=stats.oldest_waiting_age_s)  # fmt: skip
+
+    def _on_recycle(self, slot: int) -> None:
+        if slot == 0 and self.presence is not None:  # presence lives on the first client
+            self.presence.stop_updates()
+            task = asyncio.create_task(self._enter_presence())
+            self._presence_task = task  # keep a reference until it is done
 
     async def _enter_presence(self) -> None:
         channel = self.pool.primary.channels.get(self.options.presence_channel)

@@ -16,12 +16,12 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from worker.logs import get_logger
 from worker.queue import Queue
 from worker.sessions.session import Session, SessionOptions
 from worker.sessions.store import SessionStore, now_ms
+from worker.transport.pool import ConnectionPool
 
 log = get_logger("worker.session")
 
@@ -39,13 +39,13 @@ class SessionManager:
         self,
         store: SessionStore,
         queue: Queue,
-        clients: list[Any],
+        pool: ConnectionPool,
         options: ManagerOptions,
         agent_ids: Callable[[], Awaitable[set[str]]],
     ) -> None:
         self.store = store
         self.queue = queue
-        self.clients = clients
+        self.pool = pool
         self.options = options
         self.agent_ids = agent_ids
         self.sessions: dict[str, Session] = {}
@@ -68,6 +68,9 @@ class SessionManager:
             await self.close()
 
     async def tick(self) -> None:
+        for channel, session in list(self.sessions.items()):
+            if session.client not in self.pool.clients:  # its connection was recycled
+                await self._drop(channel, release=False)  # taken again below, resumed
         lost = await self.store.renew(list(self.sessions))
         for channel in lost:
             log.warning("session.lost", channel=channel)
@@ -83,7 +86,7 @@ class SessionManager:
                 await self._take(channel)
 
     async def _take(self, channel: str) -> None:
-        client = self.clients[len(self.sessions) % len(self.clients)]
+        client = self.pool.clients[len(self.sessions) % len(self.pool.clients)]
         session = Session(channel, client, self.store, self.queue, self.options.session,
                           self.agent_ids)  # fmt: skip
         try:

@@ -10,7 +10,7 @@ update, which carries the whole text, repairs what subscribers missed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 ACK_TIMEOUT_S = 15.0
@@ -23,16 +23,29 @@ class AckTimeout(Exception):
     reads `TimeoutError` as the job's own deadline, and a 15 s wait for one ack is not."""
 
 
-async def acked(operation: Awaitable[T], what: str, timeout_s: float | None = None) -> T:
+def _nothing() -> None:
+    pass
+
+
+async def acked(
+    operation: Awaitable[T],
+    what: str,
+    timeout_s: float | None = None,
+    on_timeout: Callable[[], None] = _nothing,
+) -> T:
+    """`on_timeout` hears of an unanswered send (the pool recycles that connection)."""
     timeout_s = ACK_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         return await asyncio.wait_for(operation, timeout_s)
     except TimeoutError:
+        on_timeout()
         raise AckTimeout(f"no acknowledgement from Ably for {what} in {timeout_s:g} s") from None
 
 
 async def settle(
-    tasks: list[asyncio.Task[Any]], timeout_s: float = ACK_TIMEOUT_S
+    tasks: list[asyncio.Task[Any]],
+    timeout_s: float = ACK_TIMEOUT_S,
+    on_timeout: Callable[[], None] = _nothing,
 ) -> list[BaseException]:
     """Wait for un-awaited sends; returns their failures, an unanswered one as AckTimeout."""
     if not tasks:
@@ -40,6 +53,8 @@ async def settle(
     done, late = await asyncio.wait(tasks, timeout=timeout_s)
     for task in late:
         task.cancel()
+    if late:
+        on_timeout()
     failures: list[BaseException] = [AckTimeout("append not acknowledged") for _ in late]
     failures.extend(e for t in done if not t.cancelled() and (e := t.exception()) is not None)
     return failures

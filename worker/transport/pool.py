@@ -9,6 +9,12 @@ token bucket filling at `messages_per_second` with a small burst, so no one-seco
 window holds more than Ably accepts; and each answer's appends are spaced at least its
 fair share (`answers_on_connection / messages_per_second`) apart, so answers sharing a
 connection share it evenly. What waits for a token is coalesced, not dropped.
+
+A connection that stops acknowledging (an ack that never came; ably-python after a
+connection it could not recover, 80008, leaves some publishes unacknowledged for good),
+or whose queued sends must never go out (this process's lease on its jobs lapsed), is
+recycled: a fresh client takes its slot, and the old one is closed once its answers are
+done (or soon), its queue discarded with it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker.logs import get_logger
+
+log = get_logger("worker.ably")
 
 
 class Budget:
@@ -46,6 +56,8 @@ class Budget:
 
 
 BURST = 5.0
+RECOVERY_FAILED = 80008  # Ably: "unable to recover connection"
+RETIRE_AFTER_S = 20.0  # a replaced client's answers have moved on (or timed out) by then
 
 
 @dataclass
@@ -68,6 +80,10 @@ class Lease:
         on_connection = self._pool.budgets[self.slot].reserve()
         return max(on_connection, self._pool.channel_budgets[self.channel].reserve())
 
+    def stalled(self) -> None:
+        """An acknowledgement on this connection never came: recycle it."""
+        self._pool.recycle(self.slot, self.client, "no acknowledgement")
+
 
 class ConnectionPool:
     def __init__(
@@ -80,7 +96,10 @@ class ConnectionPool:
         rollup_window_s: float,
     ) -> None:
         size = max(1, math.ceil(concurrency / max(1, streams_per_connection)))
-        self.clients = [make_client() for _ in range(size)]
+        self.make_client = make_client
+        self.clients = [self._new_client(slot) for slot in range(size)]
+        self.on_recycle: list[Callable[[int], None]] = []  # told the slot of a new client
+        self._retiring: set[asyncio.Task[None]] = set()
         self.active = [0] * size
         # A burst of 5 over a rate of 44 (+ presence, at most 1/s) keeps a one-second window at 50.
         self.budgets = [Budget(messages_per_second, BURST) for _ in range(size)]
@@ -122,10 +141,51 @@ class ConnectionPool:
         sharing = max(self.active[lease.slot], self.channel_active.get(lease.channel, 1), 1)
         return max(self.rollup_window_s, sharing / self.messages_per_second)
 
+    def _new_client(self, slot: int) -> Any:
+        client = self.make_client()
+        connection = getattr(client, "connection", None)
+        if connection is not None:
+
+            def on_state(change: Any) -> None:
+                # Connected again, but not the connection it had (Ably could not recover
+                # it): its pending publishes may never be acknowledged. Start afresh.
+                if getattr(getattr(change, "reason", None), "code", None) == RECOVERY_FAILED:
+                    self.recycle(slot, client, "connection not recovered")
+
+            connection.on(on_state)
+        return client
+
+    def recycle(self, slot: int, client: Any, why: str) -> None:
+        """Give the slot a fresh client (once per client); close the old one later."""
+        if self.clients[slot] is not client:
+            return  # recycled already
+        self.clients[slot] = self._new_client(slot)
+        log.warning("ably.connection_recycled", slot=slot, reason=why)
+        task = asyncio.get_running_loop().create_task(self._retire(slot, client))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        for listener in self.on_recycle:
+            listener(slot)
+
+    def recycle_all(self, why: str) -> None:
+        for slot, client in enumerate(list(self.clients)):
+            self.recycle(slot, client, why)
+
+    async def _retire(self, slot: int, client: Any) -> None:
+        """Close a replaced client once nothing uses it (bounded), discarding its queue."""
+        await asyncio.sleep(RETIRE_AFTER_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 2.0)
+
     async def close(self) -> None:
-        for client in self.clients:
-            with contextlib.suppress(Exception):
-                await client.close()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*(self._close_one(c) for c in self.clients), return_exceptions=True)
+
+    @staticmethod
+    async def _close_one(client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await client.close()
 
     async def wait_connected(self, wait_one: Callable[[Any], Any]) -> None:
         await asyncio.gather(*(wait_one(client) for client in self.clients))

@@ -49,6 +49,11 @@ class AgentPresence:
                 await self.channel.presence.update(self.data())
             await asyncio.sleep(MIN_UPDATE_INTERVAL_S)
 
+    def stop_updates(self) -> None:
+        """Stop publishing load updates (this presence's connection is being replaced)."""
+        if self._task is not None:
+            self._task.cancel()
+
     async def leave(self) -> None:
         if self._task is not None:
             self._task.cancel()

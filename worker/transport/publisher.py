@@ -23,6 +23,7 @@ class Pacer(Protocol):
 
     def min_interval_s(self) -> float: ...
     def reserve(self) -> float: ...
+    def stalled(self) -> None: ...  # an acknowledgement never came on this connection
 
 
 class Unpaced:
@@ -36,6 +37,9 @@ class Unpaced:
 
     def reserve(self) -> float:
         return 0.0
+
+    def stalled(self) -> None:
+        pass
 
 
 def always_alive() -> bool:

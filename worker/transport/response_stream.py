@@ -95,7 +95,7 @@ class ResponseStream:
         await asyncio.sleep(self.pacer.reserve())
         if not self._may_send():
             raise Abandoned(f"not sending {what}: the job is no longer this worker's")
-        return await acked(operation(), what)
+        return await acked(operation(), what, on_timeout=self.pacer.stalled)
 
     async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         """Start the message, or reopen the one an earlier attempt started (emptied, so the
@@ -245,7 +245,7 @@ class ResponseStream:
             await asyncio.sleep(self.pacer.reserve())
             self._send_buffer()
         pending, self._pending = self._pending, []
-        return await settle(pending)
+        return await settle(pending, on_timeout=self.pacer.stalled)
 
     def abort(self) -> None:
         """Stop at once: drop what is coalescing, cancel the appends in flight."""

@@ -49,7 +49,9 @@ class TokenStream:
         start = contract.token_start(self.headers, self.attempt)
         await asyncio.sleep(self.pacer.reserve())
         self._check("the start message")
-        result = await acked(self.channel.publish(start), "the start message")
+        result = await acked(
+            self.channel.publish(start), "the start message", on_timeout=self.pacer.stalled
+        )
         self.serial = str(result.serials[0])
         return None
 
@@ -80,9 +82,10 @@ class TokenStream:
 
     async def close(self, status: Status, error: str | None = None) -> int:
         pending, self._pending = self._pending, []
-        failures = await settle(pending)
+        failures = await settle(pending, on_timeout=self.pacer.stalled)
         self.headers = self.headers.with_status(status, error)
         await asyncio.sleep(self.pacer.reserve())
         self._check("the stop message")
-        await acked(self.channel.publish(contract.token_stop(self.text, self.headers)), "stop")
+        stop = contract.token_stop(self.text, self.headers)
+        await acked(self.channel.publish(stop), "stop", on_timeout=self.pacer.stalled)
         return len(failures)
