@@ -327,6 +327,8 @@ async def test_status_shows_the_queue_figures_and_the_live_workers(
     figures = {k: queued[k] for k in ("waiting", "pending", "delayed", "dead", "workers")}
     assert figures == {"waiting": 2, "pending": 0, "delayed": 0, "dead": 0, "workers": []}
     assert queued["oldest_waiting_age_s"] is not None and queued["oldest_waiting_age_s"] >= 0
+    # The jobs' channel is a session now, held by nobody until a worker runs.
+    assert [(s["channel"], s["holder"]) for s in queued["sessions"]] == [(channel_name, None)]
 
     settings = stack.settings()
     async with running_worker(settings):
@@ -335,9 +337,12 @@ async def test_status_shows_the_queue_figures_and_the_live_workers(
         busy = json.loads(await ok(env, "status"))
     assert (busy["waiting"], busy["pending"], busy["delayed"], busy["dead"]) == (0, 0, 0, 0)
     assert [w["worker_id"] for w in busy["workers"]] == [settings.worker_id]
+    [session] = busy["sessions"]
+    assert session["holder"].startswith(f"{settings.worker_id}:")
 
     after = json.loads(await ok(env, "status"))
     assert after["workers"] == []  # a stopped worker leaves the list
+    assert after["sessions"][0]["holder"] is None  # and hands its sessions back
 
 
 async def test_status_of_a_job_shows_its_record(stack: Stack, channel_name: str) -> None:

@@ -164,7 +164,7 @@ async def serve(
             budget=ShutdownBudget(grace_s=settings.shutdown_grace_seconds),
             presence_channel=settings.presence_channel,
             heartbeat_interval_s=settings.job_visibility_timeout_seconds / 3,
-            reclaim_interval_s=min(5.0, settings.job_visibility_timeout_seconds / 3),
+            reclaim_interval_s=min(1.0, settings.job_visibility_timeout_seconds / 3),
             stats_interval_s=settings.stats_interval_seconds,
             cancel_roles=settings.cancel_role_set,
         )

@@ -124,12 +124,15 @@ def _job_fields(
 
 @app.command()
 def status(job_id: Annotated[str | None, typer.Argument(help="A job id.")] = None) -> None:
-    """The queue's figures and live workers, or one job's record."""
+    """The queue's figures, live workers and sessions (who holds each), or one job's record."""
 
     async def read(queue: Any) -> Any:
         if job_id:
             return await queue.status(job_id)
-        return dataclasses.asdict(await queue.stats())
+        from worker.sessions.store import SessionStore
+
+        sessions = SessionStore(queue.redis, queue.prefix, "cli", lease_ttl_s=1)
+        return {**dataclasses.asdict(await queue.stats()), "sessions": await sessions.listing()}
 
     result = _on_queue(read)
     if result is None:

@@ -144,14 +144,19 @@ class Worker:
 
     async def _take_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            try:
+                await self._reclaim_if_due()  # first, and even when every slot is busy
+            except Exception as exc:
+                log.warning("worker.housekeeping_failed", step="reclaim", error=str(exc))
+            if stop.is_set():
+                break  # what the reclaim started joins the drain
             free = self.options.concurrency - len(self.running)
             if free <= 0:
-                await self._wait_any(stop, self._slot_freed)
+                wait_s = self.options.reclaim_interval_s
+                await self._wait_any(stop, self._slot_freed, timeout=wait_s)
                 self._slot_freed.clear()
                 continue
             try:
-                if await self._reclaim_if_due():
-                    continue  # slots filled by jobs a dead worker left: recount
                 if not self.lease.valid():
                     # A job taken now would be abandoned at once, having spent an attempt:
                     # renew the lease first (the heartbeat's own timer may be seconds away).
@@ -405,7 +410,10 @@ class Worker:
         return len(self.running) > before
 
     async def _reclaim(self) -> None:
-        free = self.options.concurrency - len(self.running)
+        # A dead worker's half-written answers may use a reserve above the concurrency:
+        # users are watching them, and they should not wait for a slot behind the backlog.
+        reserve = max(1, self.options.concurrency // 4)
+        free = self.options.concurrency + reserve - len(self.running)
         if free <= 0 or not self.lease.valid():  # taken now, a job would be abandoned at once
             return
         running = {r.delivery.entry_id for r in self.running.values()}
