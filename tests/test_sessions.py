@@ -326,3 +326,25 @@ async def test_a_reattach_that_ably_reports_as_not_resumed_runs_the_resume_routi
     assert state.active == prompts[0].id
     assert [w["id"] for w in state.waiting] == [prompts[1].id, prompts[2].id]
     await redis.aclose()
+
+
+async def test_a_follow_up_is_answered_after_the_first_and_sees_the_conversation(
+    stack: Stack, channel_name: str
+) -> None:
+    """Prompts of one conversation: the follow-up's answer starts after the first one
+    closed, and the model was given the first answer's response id to continue from."""
+    first, second = (f"{word} {uuid.uuid4().hex[:6]}" for word in ("question", "follow-up"))
+    async with (
+        subscriber(stack, channel_name) as live,
+        running_worker(stack.settings(listen_channels=channel_name)),
+    ):
+        await asyncio.sleep(1.0)
+        await ask(stack, channel_name, first, second)
+        await wait_answered(stack, channel_name, 2)
+    prompts, answers = await conversation(stack, channel_name)
+    assert_one_answer_each(prompts, answers)
+    assert creates_after_closes(live)
+    record = await stack.status(prompts[0].id)
+    assert record["model_response_id"].startswith("resp_")
+    assert stack.openai.last_request(first)["previous_response_id"] is None
+    assert stack.openai.last_request(second)["previous_response_id"] == record["model_response_id"]

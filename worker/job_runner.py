@@ -156,6 +156,9 @@ class Figures:
     first_token_at: float | None = None
     output_tokens: int | None = None
     input_tokens: int | None = None
+    # The model's response id: recorded with the outcome, so a session can chain the
+    # conversation's next prompt to it (`previous_response_id`).
+    model_response_id: str | None = None
 
     def ttft_ms(self) -> int | None:
         return (
@@ -178,6 +181,7 @@ class Figures:
             "chars": len(publisher.text) if publisher else 0,
             "deltas": deltas,
             "appends": publisher.appends if publisher else 0,
+            "model_response_id": self.model_response_id,
         }
 
 
@@ -449,6 +453,7 @@ class JobRunner:
             elif isinstance(event, Done):
                 figures.output_tokens = event.output_tokens
                 figures.input_tokens = event.input_tokens
+                figures.model_response_id = event.model_response_id
                 return Answered(event.incomplete_reason)
             elif isinstance(event, Failed):
                 return Failure(event.error, event.retryable)
