@@ -470,3 +470,31 @@ async def test_repeating_a_create_after_appends_and_an_update_leaves_the_message
     history = await ably_rest.channels.get(channel_name).history()
     assert [(m.serial, m.data) for m in history.items] == [(serial, "hello"), (bare_serial, "bye")]
     assert history.items[0].extras == _worker_headers("complete")
+
+
+@pytest.mark.filterwarnings("ignore:The HMAC key is")
+async def test_a_jwt_user_claim_is_not_stamped_on_messages_by_sockudo(
+    local_ably: LocalAbly, ably_clients: Any, channel_name: str
+) -> None:
+    """Ably's docs: a JWT claim `ably.channel.<pattern>` is a user claim, which Ably adds
+    to every message that client publishes on a matching channel as `extras.userClaim`
+    (the worker's CANCEL_ROLES check reads it, never a header the client wrote). Sockudo
+    5.2.0 verifies the token and its clientId but adds no `userClaim`: the role path is
+    checked in the unit layer, and this test fails the day Sockudo stamps it."""
+    key = AblyKey.parse(local_ably.key)
+    now = int(time.time())
+    claims = {"iat": now, "exp": now + 600, "x-ably-capability": json.dumps({"*": ["*"]}),
+              "x-ably-clientId": "bob", "ably.channel.*": "moderator"}  # fmt: skip
+    token = jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.key_name})
+    user = realtime_client(None, local_ably.endpoint, token=token)
+    try:
+        received: list[Any] = []
+        listening = (await connected(ably_clients())).channels.get(channel_name)
+        await listening.subscribe(lambda message: received.append(message))
+        cancel = Message(name="cancel", extras={"headers": {"responseId": "job-1"}})
+        await user.channels.get(channel_name).publish(cancel)
+        await wait_for(lambda: bool(received), what="the cancel")
+    finally:
+        await user.close()
+    assert received[0].client_id == "bob"  # the token's identity is stamped
+    assert "userClaim" not in (received[0].extras or {})
