@@ -348,3 +348,21 @@ async def test_a_follow_up_is_answered_after_the_first_and_sees_the_conversation
     assert record["model_response_id"].startswith("resp_")
     assert stack.openai.last_request(first)["previous_response_id"] is None
     assert stack.openai.last_request(second)["previous_response_id"] == record["model_response_id"]
+
+
+async def test_with_chat_completions_the_follow_up_carries_the_transcript(
+    stack: Stack, channel_name: str
+) -> None:
+    """OPENAI_API=chat has no previous_response_id: the worker sends the conversation
+    read from the channel (the user's prompts and the agent's complete answers)."""
+    first, second = (f"{word} {uuid.uuid4().hex[:6]}" for word in ("chat question", "chat again"))
+    async with running_worker(stack.settings(listen_channels=channel_name, openai_api="chat")):
+        await asyncio.sleep(1.0)
+        await ask(stack, channel_name, first, second)
+        await wait_answered(stack, channel_name, 2)
+    prompts, answers = await conversation(stack, channel_name)
+    assert_one_answer_each(prompts, answers)
+    sent = stack.openai.last_request(second)["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("user", first), ("assistant", answer_text(first)), ("user", second)
+    ]  # fmt: skip

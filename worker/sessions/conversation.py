@@ -28,27 +28,57 @@ def job_id_for(message_id: str | None, serial: str) -> str:
 async def transcript(
     channel: Any, before_serial: str, budget_chars: int = TRANSCRIPT_CHARS, max_pages: int = 10
 ) -> list[dict[str, str]]:
-    """The user and assistant turns before `before_serial`, oldest first, within budget."""
-    turns: list[dict[str, str]] = []
-    spent = 0
+    """The user and assistant turns before the prompt at `before_serial`, oldest first,
+    the newest kept within budget. Each answer follows the prompt it answers (its
+    `responseId` is the prompt's message id), wherever its own message stands: answers
+    are created after later prompts were published."""
+    prompts: list[Any] = []
+    answers: dict[str, Any] = {}
     page = await channel.history(direction="backwards", limit=100)
     for _ in range(max_pages):
         for message in page.items or []:
-            if (getattr(message, "serial", "") or "") >= before_serial:
+            if _turn(message) is None:
                 continue
-            turn = _turn(message)
-            if turn is None:
-                continue
-            spent += len(turn["content"])
-            if spent > budget_chars:
-                return list(reversed(turns))
-            turns.append(turn)
+            if getattr(message, "name", None) == contract.PROMPT:
+                if (getattr(message, "serial", "") or "") < before_serial:
+                    prompts.append(message)
+            else:
+                answers[contract.header(message, "responseId") or ""] = message
         if not page.has_next():
             break
         page = await page.next()
         if page is None:
             break
-    return list(reversed(turns))
+    return _within_budget(_interleave(prompts, answers), budget_chars)
+
+
+def _interleave(prompts: list[Any], answers: dict[str, Any]) -> list[dict[str, str]]:
+    """Prompts in order, each followed by its answer; answers to other jobs (a backend's)
+    at their own place."""
+    keyed: list[tuple[str, list[dict[str, str]]]] = []
+    for prompt in prompts:
+        turns = [_turn(prompt)]
+        answer = answers.pop(getattr(prompt, "id", None) or "", None)
+        if answer is not None:
+            turns.append(_turn(answer))
+        keyed.append((prompt.serial, [t for t in turns if t is not None]))
+    for answer in answers.values():
+        turn = _turn(answer)
+        if turn is not None:
+            keyed.append((answer.serial, [turn]))
+    keyed.sort(key=lambda item: item[0])
+    return [turn for _, turns in keyed for turn in turns]
+
+
+def _within_budget(turns: list[dict[str, str]], budget_chars: int) -> list[dict[str, str]]:
+    kept: list[dict[str, str]] = []
+    spent = 0
+    for turn in reversed(turns):
+        spent += len(turn["content"])
+        if spent > budget_chars:
+            break
+        kept.append(turn)
+    return list(reversed(kept))
 
 
 def _turn(message: Any) -> dict[str, str] | None:
