@@ -12,6 +12,8 @@ command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: apt-get install ${need_apt[*]}"
@@ -40,5 +42,9 @@ $UV run python -m worker.devstack.sockudo_install >/dev/null
 if [[ ! -d tests/js/node_modules && -f tests/js/package-lock.json ]]; then
   echo "setup: npm ci (ably-js for the conformance suite)"
   npm ci --prefix tests/js --no-audit --no-fund -q
+fi
+if [[ ! -f web/node_modules/ably/build/ably.min.js && -f web/package-lock.json ]]; then
+  echo "setup: npm ci (ably-js's browser bundle for the demo page)"
+  npm ci --prefix web --no-audit --no-fund -q
 fi
 echo "setup: ready"

@@ -17,6 +17,7 @@ from worker.job_runner import JobRunner
 from worker.logs import get_logger
 from worker.model import Model, make_client
 from worker.queue import RedisStreamsQueue
+from worker.redaction import register_secrets, secrets_of
 from worker.redis_client import connect_redis
 from worker.runtime import RuntimeOptions, ShutdownBudget, Worker
 from worker.sessions.manager import ManagerOptions, SessionManager
@@ -105,9 +106,19 @@ async def wait_connected(ably: Any, timeout_s: float = ABLY_CONNECT_TIMEOUT_S) -
                     )
                 await asyncio.sleep(0.05)
     except TimeoutError:
+        reason = ably.connection.error_reason
+        last = f": {_reason_text(reason)}" if reason is not None else ""
         raise StartupError(
-            f"no Ably connection after {timeout_s:.0f} s (check ABLY_ENDPOINT and the network)"
+            f"no Ably connection after {timeout_s:.0f} s{last} "
+            "(check ABLY_ENDPOINT and the network)"
         ) from None
+
+
+def _reason_text(reason: Any) -> str:
+    """An SDK error reason on one line: its message and code, not its repr."""
+    message = getattr(reason, "message", None) or str(reason)
+    code = getattr(reason, "code", None)
+    return " ".join(f"{message} ({code})".split() if code else str(message).split())
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -126,11 +137,32 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _check_redis(queue: RedisStreamsQueue) -> None:
+# The start's Redis check answers within a second: a few quick retries (a Redis that is
+# starting too), not the worker's patient backoff (connect_redis' default rides out a
+# failover for ~12 s, which at the start only delays the one line that says what is wrong).
+STARTUP_REDIS_RETRIES = 3
+STARTUP_REDIS_TIMEOUT_S = 5.0  # a host that swallows packets: connect timeouts add up
+
+
+async def _check_redis(redis_url: str) -> None:
+    """PING Redis on a connection of its own; unreachable or refused is a StartupError."""
     try:
-        await queue.redis.ping()
+        redis = connect_redis(redis_url, retries=STARTUP_REDIS_RETRIES)
+    except ValueError as exc:  # a URL redis-py cannot read (its message never quotes it)
+        raise StartupError(f"REDIS_URL is not a Redis URL redis-py can read: {exc}") from None
+    try:
+        async with asyncio.timeout(STARTUP_REDIS_TIMEOUT_S):
+            await redis.ping()
     except RedisError as exc:  # its message names host and port, never the password
         raise StartupError(f"cannot reach Redis: {exc} (check REDIS_URL)") from None
+    except TimeoutError:
+        raise StartupError(
+            f"cannot reach Redis: no answer in {STARTUP_REDIS_TIMEOUT_S:.0f} s "
+            "(check REDIS_URL and the network)"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.aclose(), 1)
 
 
 async def serve(
@@ -140,6 +172,11 @@ async def serve(
     stop = stop or asyncio.Event()
     if handle_signals:
         install_signal_handlers(stop)
+    # Before anything can log: no line may carry the keys or the Redis password.
+    register_secrets(*secrets_of(settings))
+    # The cheap checks first: Redis answers before any Ably client exists (ably-python
+    # clients dial as soon as they are made), so a wrong REDIS_URL is one line at once.
+    await _check_redis(settings.redis_url)
     queue = RedisStreamsQueue(
         connect_redis(settings.redis_url),
         prefix=settings.queue_prefix,
@@ -147,15 +184,15 @@ async def serve(
         max_attempts=settings.job_max_attempts,
         heartbeat_ttl_s=settings.job_visibility_timeout_seconds,
     )
-    pool = make_pool(settings)
-    model = Model(
-        make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
-        settings.openai_model,
-        settings.openai_api,
-        background=settings.model_background,
-    )
+    pool: ConnectionPool | None = None
     try:
-        await _check_redis(queue)
+        pool = make_pool(settings)
+        model = Model(
+            make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
+            settings.openai_model,
+            settings.openai_api,
+            background=settings.model_background,
+        )
         await pool.wait_connected(wait_connected)
         runner = JobRunner(queue, model, timeout_s=settings.job_timeout_seconds)
         options = RuntimeOptions(
@@ -181,7 +218,8 @@ async def serve(
             overrun.cancel()
     finally:
         # Bounded together: the shutdown budget has no room for a hang.
-        closing = asyncio.gather(pool.close(), queue.redis.aclose(), return_exceptions=True)
+        closings = [queue.redis.aclose()] + ([pool.close()] if pool is not None else [])
+        closing = asyncio.gather(*closings, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(closing, ShutdownBudget().step_s)
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from worker.jobs import JobError, Pattern, job_schema, parse_job
+from worker.redaction import redact, register_secrets, secrets_of
 from worker.settings import AblySettings, RedisSettings, Settings, SettingsError, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -22,7 +23,8 @@ app.add_typer(dlq_app, name="dlq")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    # Never a password, key or token, whatever an error quotes (a URL, an SDK message).
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -45,9 +47,11 @@ def _on_redis(work: Coroutine[Any, Any, T]) -> T:
 
 def _settings(kind: type[Any]) -> Any:
     try:
-        return load_settings(kind)
+        settings = load_settings(kind)
     except SettingsError as exc:
         _fail(str(exc))
+    register_secrets(*secrets_of(settings))  # never in an error line or a log line
+    return settings
 
 
 @app.command()
@@ -141,13 +145,15 @@ def status(job_id: Annotated[str | None, typer.Argument(help="A job id.")] = Non
         # The job as JSON; a payload that never parsed (a dead-lettered one) stays a string.
         with contextlib.suppress(ValueError):
             result["payload"] = json.loads(result["payload"])
-    typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    # A record's error may quote a URL or a token: shown without their secrets.
+    typer.echo(redact(json.dumps(result, indent=2, ensure_ascii=False, default=str)))
 
 
 @dlq_app.command("list")
 def dlq_list(count: int = 100) -> None:
     """Dead-lettered jobs, oldest first, with their errors."""
-    typer.echo(json.dumps(_on_queue(lambda q: q.dead_letters(count)), indent=2, ensure_ascii=False))
+    letters = _on_queue(lambda q: q.dead_letters(count))
+    typer.echo(redact(json.dumps(letters, indent=2, ensure_ascii=False)))
 
 
 @dlq_app.command("retry")
@@ -226,6 +232,52 @@ def dev(
 def schema() -> None:
     """Print the job's JSON Schema."""
     typer.echo(json.dumps(job_schema(), indent=2))
+
+
+@app.command()
+def token(
+    client_id: Annotated[str, typer.Option("--client-id", help="The user's Ably clientId.")],
+    channel: Annotated[
+        list[str], typer.Option("--channel", help="A channel of the user's; repeatable.")
+    ],
+    ttl: Annotated[str, typer.Option(help="Lifetime: 90s, 30m, 1h; 24h at most.")] = "1h",
+    role: Annotated[str | None, typer.Option(help="A role claim (see CANCEL_ROLES).")] = None,
+) -> None:
+    """Issue a user's JWT (signed with ABLY_API_KEY): their channels only; the token is the
+    last line of the output."""
+    from datetime import UTC, datetime
+
+    from worker.tokens import TokenError, user_claims, user_token
+
+    settings: AblySettings = _settings(AblySettings)
+    names = {"client_id": "--client-id", "channels": "--channel", "key": "ABLY_API_KEY"}
+    try:
+        claims = user_claims(client_id, channel, ttl=ttl, role=role)
+        issued = user_token(
+            settings.ably_api_key, client_id, channel, ttl=ttl, role=role, now=claims["iat"]
+        )
+    except TokenError as exc:
+        _fail(f"{names.get(exc.field, '--' + exc.field)}: {exc.reason}")
+    expires = datetime.fromtimestamp(claims["exp"], UTC).isoformat(timespec="seconds")
+    grant = ", ".join(dict.fromkeys(channel)) + (f"; role {role}" if role else "")
+    typer.echo(f"token for {client_id} on {grant}; expires {expires}", err=True)
+    typer.echo(issued)  # alone on the last line: `$(worker token ...)` takes it
+
+
+@app.command()
+def doctor(
+    channels: Annotated[
+        str,
+        typer.Option(help="The conversation channels the key must serve: '*' (all) or 'ns:*'."),
+    ] = "*",
+) -> None:
+    """Check Redis, the Ably key's capability and the model endpoint: exit 0 if all pass."""
+    from worker.doctor import doctor as run_doctor
+
+    if not channels or any(c.isspace() or c == "," for c in channels):
+        _fail("--channels takes one channel name or pattern, such as 'conversation:*'")
+    settings: Settings = _settings(Settings)
+    raise typer.Exit(run_doctor(settings, channels, echo=typer.echo))
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from redis.exceptions import RedisError
 
-from worker.jobs import Job, Pattern
+from worker.jobs import Job, JobError, Pattern, parse_job, valid_channel, valid_job_id
 from worker.logs import get_logger
 from worker.model import Done, Failed, Gone, Model, ModelEvent, Started, TextDelta
 from worker.queue import Delivery, JobState, Queue
@@ -304,8 +304,7 @@ class JobRunner:
         control = control or JobControl()
         figures = Figures()
         if delivery.job is None:
-            ending: Ending = Failure(delivery.error or "invalid job", retryable=False)
-            return await self._conclude(delivery, None, figures, ending, control)
+            return await self._refuse(delivery, lease, control, figures)
         job = delivery.job
         log.info("job.received", attempt=delivery.attempt, reclaimed=delivery.reclaimed,
                  pattern=str(job.pattern), model=self.model.model_for(job))  # fmt: skip
@@ -320,6 +319,70 @@ class JobRunner:
         if outcome is Outcome.CANCELLED and isinstance(ending, Stopped):
             await self._cancel_upstream(progress.model_response_id)
         return outcome
+
+    # -- a job that can never run ----------------------------------------------------------
+
+    async def _refuse(
+        self, delivery: Delivery, lease: Lease, control: JobControl, figures: Figures
+    ) -> Outcome:
+        """A job that can never run (malformed, over a limit, or one whose workers keep
+        dying) goes to the dead letters with its reason; if it names a valid channel, its
+        user sees a message there too, closed `failed` with the same reason (the usual
+        message id, so a redelivery makes no second message)."""
+        ending: Ending = Failure(delivery.error or "invalid job", retryable=False)
+        job, parsed = await self._stand_in(delivery)
+        if job is None:
+            return await self._conclude(delivery, None, figures, ending, control)
+
+        def alive() -> bool:
+            return control.reason is not StopReason.HEARTBEAT_LOST and control.alive()
+
+        opened: Publisher | None = None
+        publisher = self.make_publisher(job, delivery, lease, alive)
+        resuming = (
+            delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
+        )
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                finished = await publisher.open(delivery.response_serial, resuming=resuming)
+            if finished is None:
+                opened = publisher
+            elif parsed:  # a job answered before its worker died: it is finished
+                ending = FoundFinished(finished)
+            # else an earlier message with this id is closed: it is left as it is
+        except asyncio.CancelledError:
+            if control.reason is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            ending, opened = Stopped(control.reason), publisher
+        except Abandoned:
+            ending = Stopped(StopReason.HEARTBEAT_LOST)
+        except Exception as exc:  # the dead letter holds the reason all the same
+            log.warning("job.refusal_not_published", error=f"{type(exc).__name__}: {exc}")
+            publisher.abort()
+        return await self._conclude(delivery, opened, figures, ending, control)
+
+    async def _stand_in(self, delivery: Delivery) -> tuple[Job | None, bool]:
+        """The job to tell the user about, when the payload names a valid channel (the
+        queue keeps it in the record) and a usable id: the job itself if it parses (its
+        workers kept dying; then True), else a stand-in with just its id and channel."""
+        try:
+            record = await self.queue.status(delivery.job_id) or {}
+        except RedisError:
+            return None, False
+        channel = record.get("channel", "")
+        if not (valid_channel(channel) and valid_job_id(delivery.job_id)):
+            return None, False
+        try:
+            job = parse_job(record.get("payload", ""))
+        except JobError:
+            job = None
+        if job is not None and job.id == delivery.job_id and job.channel == channel:
+            return job, True
+        stand_in = Job.model_construct(id=delivery.job_id, channel=channel, input="")
+        return stand_in, False
 
     def channel_publisher(
         self, job: Job, delivery: Delivery, lease: Lease, alive: Alive

@@ -14,6 +14,7 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.jobs import JobLimits
 from worker.transport.endpoint import Endpoint
 
 
@@ -65,7 +66,33 @@ class AblySettings(BaseSettings):
         return value
 
 
-class Settings(RedisSettings, AblySettings):
+class JobLimitSettings(BaseSettings):
+    """What one job may ask for (`worker.jobs.JobLimits`): checked when a job is enqueued
+    and again when a worker takes it; a job over one is dead-lettered, naming it."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    job_max_input_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    job_max_output_tokens: int = Field(default=32_000, ge=1, le=1_000_000)
+    # OpenAI takes at most 16 metadata entries, keys of 64 and values of 512 characters.
+    job_max_metadata: int = Field(default=16, ge=0, le=1000)
+    job_max_metadata_key_chars: int = Field(default=64, ge=1, le=1024)
+    job_max_metadata_value_chars: int = Field(default=512, ge=1, le=60_000)
+    # Metadata rides in every message's headers, inside Ably's 64 KiB message.
+    job_max_metadata_bytes: int = Field(default=4096, ge=0, le=60_000)
+
+    def job_limits(self) -> JobLimits:
+        return JobLimits(
+            input_chars=self.job_max_input_chars,
+            output_tokens=self.job_max_output_tokens,
+            metadata_entries=self.job_max_metadata,
+            metadata_key_chars=self.job_max_metadata_key_chars,
+            metadata_value_chars=self.job_max_metadata_value_chars,
+            metadata_bytes=self.job_max_metadata_bytes,
+        )
+
+
+class Settings(RedisSettings, AblySettings, JobLimitSettings):
     """The worker's configuration. Field names are the environment variables, upper-cased."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)

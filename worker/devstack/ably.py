@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -56,12 +57,14 @@ def render_config(
     port: int,
     stats_flush_interval_ms: int = 0,
     resume_window_s: int = 120,
+    extra_keys: dict[str, dict[str, list[str]]] | None = None,
 ) -> str:
     """A Sockudo configuration for local development: one app, everything in memory.
 
     Ably compatibility on; every channel takes updates and appends (versioned messages)
     and keeps history (memory backend: Sockudo's default is Postgres); metrics off so
-    several servers can run side by side.
+    several servers can run side by side. `extra_keys` adds keys of the same app, each
+    limited to an Ably capability (`{"chat:*": ["publish"]}`); the main key can do anything.
     """
     return f"""\
 debug = false
@@ -113,9 +116,13 @@ ttl_seconds = 300
 [app_manager.array.apps.policy.connection_recovery]
 enabled = true
 
+# Pages on this machine: ably-js sends REST requests (history) with an `Authorization`
+# header, so a browser sends them with credentials and refuses a CORS answer of `*`; the
+# answer must name the page's origin and allow credentials, as Ably's does. (SDKs other
+# than a browser's send no Origin and are not affected.)
 [cors]
-origin = ["*"]
-credentials = false
+origin = ["http://127.0.0.1:*", "http://localhost:*"]
+credentials = true
 
 [ably_compat]
 enabled = true
@@ -167,6 +174,19 @@ prefix = "ai:"
 [ai_transport.rollup]
 enabled = true
 default_window_ms = 40
+""" + "".join(_extra_key(key, AblyKey.parse(k), cap) for k, cap in (extra_keys or {}).items())
+
+
+def _extra_key(main: AblyKey, key: AblyKey, capability: dict[str, list[str]]) -> str:
+    if key.app_id != main.app_id:
+        raise ValueError(f"an extra key must belong to app {main.app_id!r}, not {key.app_id!r}")
+    # JSON's string escapes are TOML's basic-string escapes.
+    return f"""
+[[ably_compat.keys]]
+app_id = {json.dumps(key.app_id)}
+key_name = {json.dumps(key.key_name)}
+secret = {json.dumps(key.secret)}
+capability = {json.dumps(json.dumps(capability))}
 """
 
 
@@ -180,6 +200,8 @@ class LocalAbly(ChildServer):
     log_level: str = "warn"
     stats_flush_interval_ms: int = 0  # Sockudo's ACK batching; see render_config
     resume_window_s: int = 120  # a dropped connection resumes within this, else starts anew
+    # More keys of the same app, each limited to a capability: {"APP.K2:S2": {"chat:*": [...]}}
+    extra_keys: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -193,11 +215,8 @@ class LocalAbly(ChildServer):
         self._workdir = tempfile.TemporaryDirectory(prefix="local-ably-")
         config = Path(self._workdir.name) / "sockudo.toml"
         key = AblyKey.parse(self.key)
-        config.write_text(
-            render_config(
-                key, self.host, self.port, self.stats_flush_interval_ms, self.resume_window_s
-            )
-        )
+        options = (self.stats_flush_interval_ms, self.resume_window_s, self.extra_keys)
+        config.write_text(render_config(key, self.host, self.port, *options))
         # A clean environment: Sockudo reads PORT, REDIS_URL and many more from it.
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": self.log_level}
         self._proc = subprocess.Popen(

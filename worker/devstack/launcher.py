@@ -2,8 +2,10 @@
 
 Starts a real redis-server, the local Ably (Sockudo) and the local OpenAI-compatible
 server on free ports, runs a worker against them, enqueues a few prompts and renders the
-answers live. With `OPENAI_API_KEY` set and no `OPENAI_BASE_URL`, the answers come from
-OpenAI itself. Ctrl-C drains the worker and stops everything.
+answers live. It also serves the demo chat page (`worker.devstack.demo_server`, printed as
+`DEMO_URL=`; `DEMO_PORT` fixes its port), where the demo answers show as the demo user's
+first conversation. With `OPENAI_API_KEY` set and no `OPENAI_BASE_URL`, the answers come
+from OpenAI itself. Ctrl-C drains the worker and stops everything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 
 from worker.app import make_queue, serve
 from worker.devstack.ably import LocalAbly
+from worker.devstack.demo_server import DEFAULT_USER, DemoServer
 from worker.devstack.openai_local import MODEL_SLOW, OpenAILocalServer
 from worker.devstack.redis_server import LocalRedis
 from worker.jobs import Job
@@ -50,7 +53,12 @@ async def run_dev(
             worker_id="dev-worker", log_format="console", **openai,
         )  # fmt: skip
         configure_logging(settings.log_format, settings.log_level)
-        _print_banner(settings, channel)
+        # The page's conversations are served because each starts with an enqueue, which
+        # opens its session on the worker (no LISTEN_CHANNELS needed).
+        demo = DemoServer(settings, port=int(os.environ.get("DEMO_PORT") or 0))
+        await stack.enter_async_context(demo)
+        await demo.add_conversation(DEFAULT_USER, channel, "Demo: answers enqueued by worker dev")
+        _print_banner(settings, channel, demo.url)
         stop = asyncio.Event()
         worker = asyncio.create_task(serve(settings, stop))
         job_ids = await _enqueue_demo(settings, channel, prompts)
@@ -77,6 +85,7 @@ async def _enqueue_demo(settings: Settings, channel: str, count: int) -> list[st
                 channel=channel,
                 input=DEMO_PROMPTS[i % len(DEMO_PROMPTS)],
                 metadata={"demo": str(i + 1)},
+                user_client_id=DEFAULT_USER,  # the page's demo user may stop them
             )
             for i in range(count)
         ]
@@ -101,10 +110,12 @@ async def _stop_when_done(settings: Settings, job_ids: list[str], stop: asyncio.
         await queue.redis.aclose()
 
 
-def _print_banner(settings: Settings, channel: str) -> None:
+def _print_banner(settings: Settings, channel: str, demo_url: str) -> None:
     key = settings.ably_api_key.get_secret_value()  # the local dev key, not a real one
     print(
-        "local stack up. In another terminal, with these variables:\n"
+        "local stack up. The chat page (open it in a browser):\n"
+        f"DEMO_URL={demo_url}\n"
+        "In another terminal, with these variables:\n"
         f"  export REDIS_URL={settings.redis_url} ABLY_ENDPOINT={settings.ably_endpoint} "
         f"ABLY_API_KEY={key}\n"
         f'  uv run worker enqueue --channel {channel} "your prompt"   # more answers\n'

@@ -26,13 +26,17 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
-from worker.jobs import Job, JobError, parse_job
+from worker.jobs import Job, JobError, default_limits, parse_job, valid_channel, valid_job_id
+from worker.logs import get_logger
 from worker.queue.base import Delivery, JobState, QueueStats
 from worker.sessions.keys import OPEN_SESSION_LUA, session_key, sessions_key
 
 GROUP = "workers"
+
+log = get_logger("worker.queue")
 
 # KEYS[3] the sessions sorted set, ARGV[5] the prefix: the job's channel becomes (or stays)
 # a session the worker listens on, opened no later than this enqueue.
@@ -308,9 +312,11 @@ class RedisStreamsQueue:
         """Up to `count` new jobs for this consumer, waiting up to `block_ms` for one."""
         if count <= 0:
             return []
-        reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
-        )
+        # As bytes: one entry that is not UTF-8 must not fail the read of the others.
+        reply = await self.redis.execute_command(
+            "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", self.stream, ">", **{NEVER_DECODE: True},
+        )  # fmt: skip
         entries = reply[0][1] if reply else []
         return await self._accept_all(entries, reclaimed=False)
 
@@ -324,9 +330,7 @@ class RedisStreamsQueue:
         ids = [p["message_id"] for p in pending if p["consumer"] in dead][:count]
         if not ids:
             return []
-        entries = await self.redis.xclaim(
-            self.stream, GROUP, self.consumer, self.claim_min_idle_ms, ids
-        )
+        entries = await self._claim(ids)
         return await self._accept_all(entries, reclaimed=True)
 
     async def orphans(self, running: set[str], count: int = 100) -> list[Delivery]:
@@ -344,29 +348,44 @@ class RedisStreamsQueue:
         if not ids:
             return []
         # XCLAIM to ourselves resets the idle time, so one orphan is not taken twice.
-        entries = await self.redis.xclaim(
-            self.stream, GROUP, self.consumer, self.claim_min_idle_ms, ids
-        )
+        entries = await self._claim(ids)
         return await self._accept_all(entries, reclaimed=True)
 
+    async def _claim(self, ids: list[str]) -> list[Any]:
+        """XCLAIM these entries to this consumer (resetting their idle time), as bytes."""
+        command = ("XCLAIM", self.stream, GROUP, self.consumer, self.claim_min_idle_ms, *ids)
+        return list(await self.redis.execute_command(*command, **{NEVER_DECODE: True}))
+
     async def _accept_all(self, entries: list[Any], *, reclaimed: bool) -> list[Delivery]:
+        """Entries as read (bytes) into deliveries; a job that cannot run is one too."""
         deliveries = []
-        for entry_id, fields in entries:
-            if fields is None:  # deleted while pending: nothing to run
+        for raw_id, raw_fields in entries:
+            entry_id = _text(raw_id)[0]
+            if raw_fields is None:  # deleted while pending: nothing to run
                 await self._ack(entry_id)
                 continue
-            delivery = await self._accept(entry_id, fields, reclaimed)
+            delivery = await self._accept(entry_id, raw_fields, reclaimed)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
 
     async def _accept(
-        self, entry_id: str, fields: dict[str, str], reclaimed: bool
+        self, entry_id: str, raw_fields: dict[Any, Any], reclaimed: bool
     ) -> Delivery | None:
-        payload = fields.get("job", "")
-        job, error = _parse(payload, entry_id)
+        fields = {_text(k)[0]: v for k, v in raw_fields.items()}
+        payload, not_utf8 = _text(fields.get("job") or b"")
+        job: Job | None = None
+        error: str | None = None
+        if "job" not in fields:
+            error = "the stream entry has no `job` field"
+        elif not_utf8 is not None:
+            # Kept with U+FFFD in place of what is not text; the reason says where.
+            error = f"job is not valid UTF-8: {not_utf8}"
+        else:
+            job, error = _parse(payload, entry_id)
         job_id = job.id if job else _raw_id(payload, entry_id)
-        channel = job.channel if job else ""
+        # A job that cannot run but names a valid channel: its user is told there.
+        channel = job.channel if job else _raw_channel(payload)
         stored = job.to_json() if job else payload  # with its id, so a retry keeps it
         now, ttl = now_ms(), self.record_ttl_s
         args: list[str | int] = [entry_id, self.consumer, now, stored, channel, ttl]
@@ -556,27 +575,54 @@ class RedisStreamsQueue:
         return count
 
 
+def _text(value: bytes | str) -> tuple[str, str | None]:
+    """A value as read: its text, and where it is not UTF-8 (None when it is)."""
+    if isinstance(value, str):
+        return value, None
+    try:
+        return value.decode(), None
+    except UnicodeDecodeError as exc:
+        where = f"byte 0x{value[exc.start]:02x} at position {exc.start}"
+        return value.decode(errors="replace"), where
+
+
 def _parse(payload: str, entry_id: str) -> tuple[Job | None, str | None]:
-    """Parse a stream payload; a job enqueued without an id gets one from its entry."""
+    """Parse a stream payload; a job enqueued without an id gets one from its entry.
+    Never raises: whatever the payload, the answer is a job or a reason."""
     try:
-        data = json.loads(payload)
-    except json.JSONDecodeError:
-        data = payload  # let parse_job word the error
-    if isinstance(data, dict) and "id" not in data:
-        data = {**data, "id": f"x{entry_id}"}
-    try:
+        data = _object(payload)
+        if isinstance(data, dict) and "id" not in data:
+            data = {**data, "id": f"x{entry_id}"}
         return parse_job(data if isinstance(data, dict) else payload), None
     except JobError as exc:
         return None, str(exc)
+    except Exception as exc:  # a bug guard: one payload must never stop the take
+        log.exception("queue.parse_failed", entry_id=entry_id)
+        return None, f"job could not be read ({type(exc).__name__})"
+
+
+def _object(payload: str) -> Any:
+    """The payload's JSON value if it can be read within the limits, else None (then
+    `parse_job` words the error)."""
+    if len(payload) > default_limits().payload_chars:
+        return None
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _raw_id(payload: str, entry_id: str) -> str:
-    """An id for a job that does not parse: its own if it has a usable one, else the entry's."""
-    try:
-        data = json.loads(payload)
-        candidate = data.get("id") if isinstance(data, dict) else None
-    except json.JSONDecodeError:
-        candidate = None
-    if isinstance(candidate, str) and 0 < len(candidate) <= 128:
+    """An id for a job that does not parse: its own if it is a valid id, else the entry's."""
+    data = _object(payload)
+    candidate = data.get("id") if isinstance(data, dict) else None
+    if isinstance(candidate, str) and valid_job_id(candidate):
         return candidate
     return f"x{entry_id}"
+
+
+def _raw_channel(payload: str) -> str:
+    """The channel a job that does not parse names, if it is a valid one; else ''."""
+    data = _object(payload)
+    candidate = data.get("channel") if isinstance(data, dict) else None
+    return candidate if isinstance(candidate, str) and valid_channel(candidate) else ""

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ably.types.channelstate import ChannelState
 
-from worker.jobs import Job, JobError, Pattern, parse_job
+from worker.jobs import Job, JobError, Pattern, one_line, parse_job, valid_job_id
 from worker.logs import get_logger
 from worker.queue import Queue
 from worker.sessions import conversation
@@ -196,9 +196,14 @@ class Session:
         if user.pattern in {p.value for p in Pattern}:
             fields["pattern"] = user.pattern
         try:
+            if user.text is None:
+                raise JobError("invalid prompt: its data must be text")
             parse_job(fields)
         except JobError as exc:
-            log.warning("session.prompt_refused", channel=self.name, reason=str(exc))
+            reason = one_line(str(exc))
+            log.warning("session.prompt_refused", channel=self.name, job_id=fields["id"],
+                        reason=reason)  # fmt: skip
+            await self._answer_refused(fields["id"], reason)
             return False
         fields["_serial"] = user.serial  # where it stands in the channel, for the transcript
         state = await self.store.state(self.name)
@@ -208,6 +213,20 @@ class Session:
                  chars=len(user.text or ""), waiting=len(waiting) + 1)  # fmt: skip
         await self._advance()
         return True
+
+    async def _answer_refused(self, job_id: str, reason: str) -> None:
+        """The user hears why a prompt is refused: an answer closed `failed` with the
+        reason (under the answer's usual message id: a replayed prompt makes no second)."""
+        headers = contract.Headers(response_id=job_id, model="")
+        try:
+            async with asyncio.timeout(10):
+                sent = await self.channel.publish(contract.response_create(headers))
+                failed = headers.with_status(contract.Status.FAILED, reason)
+                closing = contract.response_close(str(sent.serials[0]), failed)
+                await self.channel.update_message(closing)
+        except Exception as exc:
+            log.warning("session.refusal_not_published", channel=self.name, job_id=job_id,
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     async def _advance(self) -> None:
         """If no answer is active, enqueue the next waiting prompt, chained to the last."""
@@ -245,7 +264,8 @@ class Session:
     # -- cancels -----------------------------------------------------------------------
 
     async def _cancel(self, user: UserMessage) -> None:
-        target = user.response_id
+        # Not a job id: no such job (and nothing of it reaches Redis).
+        target = user.response_id if valid_job_id(user.response_id or "") else None
         state = await self.store.state(self.name)
         waiting = next((w for w in state.waiting if w["id"] == target), None)
         record = await self.queue.status(target) if target else None

@@ -44,7 +44,7 @@ def _fix_realtime_port() -> None:
 
 
 def _fix_null_encoding() -> None:
-    """Read `"encoding": null` as no encoding.
+    """Read `"encoding": null` as no encoding, and never raise on an undecodable payload.
 
     Sockudo writes an explicit null; the SDK's decoder calls `.strip()` on it and raises,
     which drops live messages silently and makes history and `get_message` fail.
@@ -53,7 +53,15 @@ def _fix_null_encoding() -> None:
     def decode(
         data: Any, encoding: str | None = "", cipher: Any = None, context: Any = None
     ) -> Any:
-        return ORIGINAL_DECODE(data, encoding or "", cipher, context)
+        try:
+            return ORIGINAL_DECODE(data, encoding or "", cipher, context)
+        except Exception:
+            if context is not None and "vcdiff" in (encoding or ""):
+                raise  # a delta the SDK must recover from by re-attaching
+            # One message in an encoding nobody can decode (anyone may publish one) must
+            # not make a whole history page, or the live stream, fail: leave it encoded,
+            # as Ably's spec asks (RSL6b), and let whoever reads it ignore it.
+            return {"encoding": encoding or "", "data": data}
 
     EncodeDataMixin.decode = staticmethod(decode)
 
