@@ -61,3 +61,18 @@ async def test_import_worker_stays_light() -> None:
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0 and out.decode().strip() == "[]"
+
+
+async def test_a_job_over_the_limits_is_refused_at_enqueue(stack: Stack, channel_name: str) -> None:
+    """The Python API checks what a take would: nothing over a limit reaches the queue."""
+    from worker.jobs import JobError
+
+    with pytest.raises(JobError, match="JOB_MAX_INPUT_CHARS"):
+        await worker.enqueue(channel=channel_name, input="x" * 100_001,
+                             redis_url=stack.redis.url, queue_prefix=stack.prefix)  # fmt: skip
+    assert (await stack.status("anything")) == {}
+    queue = stack.queue()
+    try:
+        assert await queue.redis.exists(queue.stream) == 0
+    finally:
+        await queue.redis.aclose()

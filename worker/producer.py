@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.jobs import Job
+from worker.jobs import Job, parse_job
 from worker.queue import RedisStreamsQueue
 from worker.redis_client import connect_redis
 from worker.settings import RedisSettings, load_settings
@@ -29,7 +29,7 @@ async def enqueue(
     Returns the job id and whether it is new (False: a job with this id exists already,
     and nothing was changed). `REDIS_URL` and `QUEUE_PREFIX` apply unless given here.
     """
-    job = job or Job(**fields)
+    job = job or parse_job(fields)  # the schema and the JOB_MAX_* limits, before Redis
     settings = load_settings(RedisSettings)
     queue = RedisStreamsQueue(
         connect_redis(redis_url or settings.redis_url),
