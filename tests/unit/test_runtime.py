@@ -355,3 +355,13 @@ async def test_drained_does_not_count_a_finishing_job_as_interrupted(
     assert runner.finished == ["closing-late"] and runner.stopped == {}
     [drained] = events(logs, "worker.drained")
     assert (drained["finished"], drained["interrupted"]) == (1, 0)
+
+
+def test_the_default_shutdown_fits_inside_herokus_30_s() -> None:
+    """Fault: "Shutdown can outlast Heroku": 25 s grace + 5 s close/requeue + 5 s presence
+    leave = 35 s, while Heroku sends SIGKILL 30 s after SIGTERM. With the default settings
+    the whole budget (and so the watchdog that ends the process) is 28 s."""
+    from worker.settings import Settings
+
+    default_grace = Settings.model_fields["shutdown_grace_seconds"].default
+    assert ShutdownBudget(grace_s=default_grace).total_s <= 28.0
