@@ -187,7 +187,7 @@ async def test_the_drain_lets_jobs_finish_within_grace_and_stops_the_rest(
     pool: ConnectionPool, channel: Callable[[], str]
 ) -> None:
     queue = FakeQueue()
-    runner = FakeRunner(durations={"short": 0.05, "medium": 0.15})
+    runner = FakeRunner(durations={"short": 0.15, "medium": 0.25})  # both within grace
     queue.takeable = [
         make_delivery(job_id, channel=channel())
         for job_id in ("short", "medium", "endless-1", "endless-2")
