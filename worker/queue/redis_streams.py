@@ -32,7 +32,7 @@ from redis.exceptions import RedisError, ResponseError
 from worker.jobs import Job, JobError, default_limits, parse_job, valid_channel, valid_job_id
 from worker.logs import get_logger
 from worker.queue.base import Delivery, JobState, QueueStats
-from worker.sessions.keys import OPEN_SESSION_LUA, session_key, sessions_key
+from worker.sessions.keys import OPEN_SESSION_LUA, open_session, sessions_key
 
 GROUP = "workers"
 
@@ -300,11 +300,7 @@ class RedisStreamsQueue:
     async def touch_session(self, channel: str, at_ms: int | None = None) -> None:
         """Mark the channel's session active now (opening it if new): a job on it was
         taken or finished. Jobs added with a raw XADD open their session here."""
-        at = at_ms or now_ms()
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.zadd(sessions_key(self.prefix), {channel: at}, gt=True)
-            tx.hsetnx(session_key(self.prefix, channel), "opened_at", at)
-            await tx.execute()
+        await open_session(self.redis, self.prefix, channel, at_ms or now_ms())
 
     # -- consuming --------------------------------------------------------------------
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def sessions_key(prefix: str) -> str:
     return f"{prefix}:sessions"
@@ -31,3 +33,12 @@ local function open_session(sessions, prefix, channel, at)
   redis.call('HSETNX', prefix .. ':session:' .. channel, 'opened_at', at)
 end
 """
+
+
+async def open_session(redis: Any, prefix: str, channel: str, at_ms: int) -> None:
+    """Mark the channel's session active at `at_ms`, opening it then if it is new (the
+    queue does this for every job's channel; sessions for `LISTEN_CHANNELS`)."""
+    async with redis.pipeline(transaction=True) as tx:
+        tx.zadd(sessions_key(prefix), {channel: at_ms}, gt=True)
+        tx.hsetnx(session_key(prefix, channel), "opened_at", at_ms)
+        await tx.execute()

@@ -70,7 +70,6 @@ class Session:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._first_live: str | None = None  # the first serial the subscription delivered
-        self._resuming = False
         self._task: asyncio.Task[None] | None = None
 
     # -- life --------------------------------------------------------------------------

@@ -6,11 +6,11 @@ waiting behind it, the model's last response id). Keys: `worker.sessions.keys`.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.sessions.keys import lease_key, session_key, sessions_key
+from worker.queue.redis_streams import now_ms
+from worker.sessions.keys import lease_key, open_session, session_key, sessions_key
 
 # Renew the lease only if it is still ours; 1 if renewed, 0 if lost.
 _RENEW = """
@@ -24,10 +24,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -63,11 +59,7 @@ class SessionStore:
 
     async def open(self, channel: str, at_ms: int | None = None) -> None:
         """Serve this channel from now on (a fixed `LISTEN_CHANNELS` one, or a job's)."""
-        at = at_ms or now_ms()
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.zadd(sessions_key(self.prefix), {channel: at}, gt=True)
-            tx.hsetnx(session_key(self.prefix, channel), "opened_at", at)
-            await tx.execute()
+        await open_session(self.redis, self.prefix, channel, at_ms or now_ms())
 
     async def touch(self, channel: str) -> None:
         await self.redis.zadd(sessions_key(self.prefix), {channel: now_ms()}, gt=True)
