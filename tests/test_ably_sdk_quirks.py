@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from worker.devstack.ably import LocalAbly
+from worker.devstack.fault_proxy import FaultProxy
 from worker.transport import sdk_quirks
 from worker.transport.client import realtime_client
 
@@ -113,3 +114,36 @@ async def test_sdk_still_refuses_basic_auth_over_plain_http(local_ably: LocalAbl
         assert refused.value.code == 40103
     finally:
         await basic.close()
+
+
+def _extensions(client: Any) -> list[str]:
+    """The WebSocket extensions the client's connection negotiated."""
+    websocket = client.connection.connection_manager.transport.websocket
+    return [type(extension).__name__ for extension in websocket.protocol.extensions]
+
+
+async def _negotiated(endpoint: str, key: str) -> list[str]:
+    client = realtime_client(key, endpoint)
+    try:
+        await client.connection.once_async("connected")
+        return _extensions(client)
+    finally:
+        await client.close()
+
+
+async def test_worker_connections_dial_without_deflate(local_ably: LocalAbly) -> None:
+    # The fault proxy's WebSocket server (aiohttp) takes deflate whenever it is offered.
+    async with FaultProxy(local_ably.endpoint) as proxy:
+        assert await _negotiated(proxy.endpoint, local_ably.key) == []
+
+
+async def test_sdk_still_offers_deflate(
+    local_ably: LocalAbly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ably.transport import websockettransport
+
+    monkeypatch.setattr(websockettransport, "ws_connect", sdk_quirks.ORIGINAL_DIAL)
+    async with FaultProxy(local_ably.endpoint) as proxy:
+        assert await _negotiated(proxy.endpoint, local_ably.key) == ["PerMessageDeflate"]
+    # Sockudo 5.2 itself never agrees to it: on the local stack the quirk changes nothing.
+    assert await _negotiated(local_ably.endpoint, local_ably.key) == []

@@ -322,3 +322,33 @@ async def test_a_finished_record_is_never_moved_back(make_queue: Any) -> None:
     assert (await queue.status("job-1"))["state"] == "completed"
     stats = await queue.stats()
     assert (stats.waiting, stats.pending, stats.dead) == (0, 0, 0)
+
+
+async def test_a_process_keeps_its_redis_connections_bounded() -> None:
+    # Hundreds of answers at once each write to Redis: redis-py 8 refuses the 101st
+    # command in flight (MaxConnectionsError); ours wait for a free connection instead.
+    async with LocalRedis() as server:  # its own: only this test's connections on it
+        redis = connect_redis(server.url, max_connections=8)
+        watcher = connect_redis(server.url, max_connections=2)
+        try:
+            waits = [redis.blpop([f"nothing:{i}"], timeout=0.05) for i in range(150)]
+            assert await asyncio.gather(*waits) == [None] * 150
+            assert len(await watcher.client_list()) <= 8 + 1  # the pool's, the watcher
+        finally:
+            await redis.aclose()
+            await watcher.aclose()
+
+
+async def test_a_batch_taken_at_once_starts_every_job_and_opens_their_sessions(
+    make_queue: Any,
+) -> None:
+    queue = make_queue()
+    await queue.ensure_group()
+    jobs = [Job(id=f"batch-{i}", channel=f"batch:{i}", input="hi") for i in range(40)]
+    for job in jobs:
+        await queue.enqueue(job)
+    taken = await queue.take(100, 100)
+    assert [d.job_id for d in taken] == [job.id for job in jobs]  # in the stream's order
+    assert {await queue.redis.hget(queue.record_key(j.id), "state") for j in jobs} == {"running"}
+    sessions = await queue.redis.zrange(f"{queue.prefix}:sessions", 0, -1)
+    assert set(sessions) >= {job.channel for job in jobs}

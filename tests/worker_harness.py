@@ -47,6 +47,7 @@ class Stack:
             "shutdown_grace_seconds": 5,
             "job_timeout_seconds": 30,
             "log_format": "json",
+            "worker_processes": 1,  # `worker run` is then THE worker, the pid tests signal
         }
         values.update(overrides)
         return load_settings(Settings, **values)

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from worker import eventloop
 from worker.job_runner import JobRunner
 from worker.logs import get_logger
 from worker.model import Model, make_client
@@ -24,6 +25,7 @@ from worker.sessions.manager import ManagerOptions, SessionManager
 from worker.sessions.session import SessionOptions
 from worker.sessions.store import SessionStore
 from worker.settings import RedisSettings, Settings
+from worker.supervisor import watch_supervisor
 from worker.transport.client import realtime_client
 from worker.transport.pool import ConnectionPool
 
@@ -60,7 +62,11 @@ def make_sessions(
         listen_channels=settings.listen_channel_list,
         idle_s=settings.session_idle_seconds,
         lease_ttl_s=settings.session_lease_seconds,
-        session=SessionOptions(api=settings.openai_api, cancel_roles=settings.cancel_role_set),
+        session=SessionOptions(
+            api=settings.openai_api,
+            cancel_roles=settings.cancel_role_set,
+            wire_protocol=settings.wire_protocol,
+        ),
     )
     return SessionManager(store, queue, pool, options, agent_ids)
 
@@ -172,29 +178,36 @@ async def serve(
     stop = stop or asyncio.Event()
     if handle_signals:
         install_signal_handlers(stop)
+        watch_supervisor(stop)  # a child of `worker.supervisor`: drain once it is gone
     # Before anything can log: no line may carry the keys or the Redis password.
     register_secrets(*secrets_of(settings))
     # The cheap checks first: Redis answers before any Ably client exists (ably-python
     # clients dial as soon as they are made), so a wrong REDIS_URL is one line at once.
     await _check_redis(settings.redis_url)
     queue = RedisStreamsQueue(
-        connect_redis(settings.redis_url),
+        connect_redis(settings.redis_url, max_connections=settings.redis_max_connections),
         prefix=settings.queue_prefix,
         consumer=consumer_name(settings.worker_id),
         max_attempts=settings.job_max_attempts,
         heartbeat_ttl_s=settings.job_visibility_timeout_seconds,
     )
     pool: ConnectionPool | None = None
+    openai_client = make_client(
+        settings.openai_api_key.get_secret_value(), settings.openai_base_url
+    )
     try:
         pool = make_pool(settings)
         model = Model(
-            make_client(settings.openai_api_key.get_secret_value(), settings.openai_base_url),
+            openai_client,
             settings.openai_model,
             settings.openai_api,
             background=settings.model_background,
         )
         await pool.wait_connected(wait_connected)
-        runner = JobRunner(queue, model, timeout_s=settings.job_timeout_seconds)
+        runner = JobRunner(
+            queue, model, timeout_s=settings.job_timeout_seconds,
+            wire_protocol=settings.wire_protocol,
+        )  # fmt: skip
         options = RuntimeOptions(
             concurrency=settings.worker_concurrency,
             worker_id=settings.worker_id,
@@ -206,7 +219,8 @@ async def serve(
             cancel_roles=settings.cancel_role_set,
         )
         log.info("worker.connections", ably_connections=len(pool.clients),
-                 streams_per_connection=settings.streams_per_connection)  # fmt: skip
+                 streams_per_connection=settings.streams_per_connection,
+                 event_loop=eventloop.name())  # fmt: skip
         # Only in a process of its own (`run` installs the signal handlers), never in a
         # test's process.
         overrun = asyncio.create_task(_exit_if_overrun(stop, options.budget, handle_signals))
@@ -218,7 +232,8 @@ async def serve(
             overrun.cancel()
     finally:
         # Bounded together: the shutdown budget has no room for a hang.
-        closings = [queue.redis.aclose()] + ([pool.close()] if pool is not None else [])
+        closings = [queue.redis.aclose(), openai_client.close()]
+        closings += [pool.close()] if pool is not None else []
         closing = asyncio.gather(*closings, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(closing, ShutdownBudget().step_s)

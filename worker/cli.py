@@ -56,14 +56,22 @@ def _settings(kind: type[Any]) -> Any:
 
 @app.command()
 def run() -> None:
-    """Run the worker until SIGTERM or SIGINT (the Procfile's command)."""
-    from worker.app import StartupError, serve
+    """Run the worker until SIGTERM or SIGINT (the Procfile's command); with
+    WORKER_PROCESSES > 1, a supervisor of that many worker processes."""
     from worker.logs import configure_logging, get_logger
 
-    settings: Settings = _settings(Settings)
+    settings: Settings = _settings(Settings)  # once, here: children start only if valid
     configure_logging(settings.log_format, settings.log_level)
+    if settings.worker_processes > 1:
+        from worker.supervisor import supervise
+
+        code = asyncio.run(supervise(settings.worker_processes, settings.shutdown_grace_seconds))
+        raise typer.Exit(code)
+    from worker import eventloop
+    from worker.app import StartupError, serve
+
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings), settings.event_loop)
     except StartupError as exc:
         get_logger("worker").error("worker.start_failed", error=str(exc))
         _fail(str(exc), 1)

@@ -34,9 +34,18 @@ class _RetryExceptAuth(Retry):
 # call that hangs (a stalled server, a half-open connection) runs into it.
 SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 3.0
+# A process's connections are bounded, and a command waits for a free one (up to this)
+# rather than failing: redis-py refuses a command once 100 are in use (MaxConnectionsError),
+# which hundreds of concurrent answers writing their progress reached, and hosted Redis
+# plans cap connections per server. Redis runs commands one at a time: more connections
+# than a few dozen add nothing but memory.
+MAX_CONNECTIONS = 32
+POOL_WAIT_S = 10.0
 
 
-def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
+def connect_redis(
+    url: str, *, retries: int = 8, max_connections: int = MAX_CONNECTIONS
+) -> aioredis.Redis:
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT_S,
@@ -48,4 +57,7 @@ def connect_redis(url: str, *, retries: int = 8) -> aioredis.Redis:
     }
     if url.startswith("rediss://"):
         options["ssl_cert_reqs"] = None
-    return aioredis.Redis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
+    )
+    return aioredis.Redis.from_pool(pool)

@@ -28,11 +28,13 @@ from worker.lease import ProcessLease
 from worker.logs import bind_job, get_logger
 from worker.queue import Delivery, Queue
 from worker.sessions.manager import SessionManager
-from worker.transport import contract
+from worker.transport import ait, contract
 from worker.transport.pool import ConnectionPool
 from worker.transport.presence import AgentPresence
 
 log = get_logger("worker")
+
+HOLD_CANCEL_S = 30.0  # an `ai-cancel` for a job not running here yet waits this long
 
 T = TypeVar("T")
 
@@ -96,6 +98,8 @@ class Worker:
         self.running: dict[str, Running] = {}  # by job id
         # Cancel listeners, one per (connection, channel) however many jobs share it.
         self._listening: dict[tuple[int, str], tuple[int, Callable[[Any], None]]] = {}
+        # `ai-cancel`s that named no running job: applied if it starts here soon.
+        self._held_cancels: list[tuple[str, contract.UserMessage, float]] = []
         self._slot_freed = asyncio.Event()
         self.presence: AgentPresence | None = None
         self.started = time.monotonic()
@@ -210,12 +214,15 @@ class Worker:
         self.running[delivery.job_id] = running
         running.task.add_done_callback(lambda _task: self._finished(delivery.job_id))
         self._set_in_flight()
+        self._apply_held_cancels(running)
 
     async def _run_job(self, delivery: Delivery) -> None:
         job = delivery.job
         bind_job(job_id=delivery.job_id, attempt=delivery.attempt,
                  channel=job.channel if job else None)  # fmt: skip
-        lease = self.pool.acquire(job.channel if job else "")
+        channel = job.channel if job else ""
+        listener = self.sessions.client_of(channel) if self.sessions is not None else None
+        lease = self.pool.acquire(channel, prefer=listener)
         # Listening for `cancel` attaches the channel: a round trip the answer need not
         # wait for (publishing needs no attach), and no reason to fail the job if refused.
         listening = (
@@ -263,7 +270,9 @@ class Worker:
             self._on_cancel(channel_name, message)  # the SDK wants a plain function
 
         self._listening[key] = (1, listener)
-        await client.channels.get(channel_name).subscribe(contract.CANCEL, listener)
+        channel = client.channels.get(channel_name)
+        await channel.subscribe(contract.CANCEL, listener)
+        await channel.subscribe(ait.CANCEL, listener)
 
     async def _stop_listening(self, client: Any, channel_name: str) -> None:
         key = (id(client), channel_name)
@@ -274,13 +283,61 @@ class Worker:
         del self._listening[key]
         with contextlib.suppress(Exception):
             client.channels.get(channel_name).unsubscribe(contract.CANCEL, listener)
+        with contextlib.suppress(Exception):
+            client.channels.get(channel_name).unsubscribe(ait.CANCEL, listener)
 
     def _on_cancel(self, channel_name: str, message: Any) -> None:
         user = contract.user_message(message)
-        running = self.running.get(user.response_id or "") if user else None
+        if user is None or user.kind != "cancel":
+            return
+        running = self._cancelled_job(channel_name, user)
+        if running is None and user.wire == "ait":
+            # Its run has not started here yet (the input is still on its way to a job).
+            now = time.monotonic()
+            self._held_cancels = [h for h in self._held_cancels if h[2] > now]
+            self._held_cancels.append((channel_name, user, now + HOLD_CANCEL_S))
+            log.info("ait.cancel_held", channel=channel_name, run_id=user.run_id,
+                     input_codec_message_id=user.input_codec_message_id)  # fmt: skip
+            return
+        if running is not None:
+            self._cancel_running(running, user)
+
+    def _cancelled_job(self, channel_name: str, user: contract.UserMessage) -> Running | None:
+        """The running job a cancel names, on its own channel: by `responseId`, or on the
+        AI Transport wire by its run-id or the input codec-message-id it answers."""
+        if user.wire == "seed":
+            running = self.running.get(user.response_id or "")
+        elif user.run_id:
+            running = self.running.get(ait.job_id_of_run(user.run_id) or "")
+        else:
+            running = next(
+                (r for r in self.running.values() if r.delivery.job is not None
+                 and r.delivery.job.input_codec_message_id == user.input_codec_message_id),
+                None,
+            )  # fmt: skip
         job = running.delivery.job if running else None
-        if user is None or running is None or job is None or job.channel != channel_name:
-            return  # not ours, or a cancel on another channel naming our job: ignored
+        if job is None or job.channel != channel_name:
+            return None  # not ours, or a cancel on another channel naming our job: ignored
+        return running
+
+    def _apply_held_cancels(self, running: Running) -> None:
+        """A job starting here that an `ai-cancel` named before it ran: stopped now."""
+        job = running.delivery.job
+        if not self._held_cancels or job is None:
+            return
+        now = time.monotonic()
+        self._held_cancels = [h for h in self._held_cancels if h[2] > now]
+        for channel_name, user, _ in self._held_cancels:
+            if self._cancelled_job(channel_name, user) is running:
+                self._held_cancels = [h for h in self._held_cancels if h[1] is not user]
+                # Once the task has begun: a task cancelled before its first step never
+                # runs its job at all (no outcome, no transition: the entry would linger).
+                asyncio.get_running_loop().call_soon(self._cancel_running, running, user)
+                return
+
+    def _cancel_running(self, running: Running, user: contract.UserMessage) -> None:
+        job = running.delivery.job
+        assert job is not None
         roles = self.options.cancel_roles
         if not contract.may_cancel(user.client_id, user.user_claim, job.user_client_id, roles):
             log.warning("job.cancel_refused", job_id=job.id, by=user.client_id,

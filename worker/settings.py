@@ -6,9 +6,11 @@ the variable, which the CLI prints before exiting with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -23,6 +25,32 @@ def default_worker_id() -> str:
     return os.environ.get("DYNO") or f"{socket.gethostname()}-{os.getpid()}"
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+MAX_WORKER_PROCESSES = 64
+
+
+def default_worker_processes(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, lowered by a cgroup v2 CPU quota
+    (`quota period` in cpu.max, rounded up). Heroku dynos may report the host's cores
+    rather than the dyno's share: set WORKER_PROCESSES per dyno size there."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota(cpu_max)
+    if quota is not None:
+        cores = min(cores or quota, quota)
+    return max(1, min(cores or 1, MAX_WORKER_PROCESSES))
+
+
+def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """Whole cores a cgroup v2 quota allows (at least 1), or None: no quota, no cgroup v2."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def default_log_format() -> Literal["json", "console"]:
     return "console" if sys.stderr.isatty() else "json"
 
@@ -34,6 +62,8 @@ class RedisSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_prefix: str = Field(default="aitw", min_length=1)
+    # Per worker process; each Heroku Redis plan caps the connections of all processes.
+    redis_max_connections: int = Field(default=32, ge=2, le=10_000)
 
     @field_validator("redis_url")
     @classmethod
@@ -104,8 +134,17 @@ class Settings(RedisSettings, AblySettings, JobLimitSettings):
     # OpenAI background responses (Responses API only; ignored with OPENAI_API=chat): a
     # retried or reclaimed job continues the same model response into the same message.
     model_background: bool = False
+    # The wire contract of answers whose job names none: `seed` (the `response` message)
+    # or `ait` (Ably AI Transport's, @ably/ai-transport 0.8.0: `worker.transport.ait`).
+    wire_protocol: Literal["seed", "ait"] = "seed"
 
     worker_concurrency: int = Field(default=16, ge=1, le=1000)
+    # Worker processes per dyno (`worker.supervisor`), each with its own slots, consumer,
+    # heartbeat and Ably connections. Default: the usable cores; Heroku dynos may report
+    # the host's cores, so set it explicitly per dyno size there.
+    worker_processes: int = Field(
+        default_factory=default_worker_processes, ge=1, le=MAX_WORKER_PROCESSES
+    )
     worker_id: str = Field(default_factory=default_worker_id, min_length=1)
     # In-flight answers' time to finish after SIGTERM; closing, requeueing, leaving and
     # exiting take 8 s more (runtime.ShutdownBudget): 20 keeps the whole shutdown to 28 s,
@@ -131,6 +170,8 @@ class Settings(RedisSettings, AblySettings, JobLimitSettings):
 
     log_format: Literal["json", "console"] = Field(default_factory=default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # uvloop (the default) or asyncio's own loop: worker.eventloop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("listen_channels")
     @classmethod

@@ -154,3 +154,19 @@ async def test_a_released_channel_budget_is_forgotten_only_once_full_again(
     clock.advance(10)
     pool.release(pool.acquire("conv:brief"))
     assert "conv:brief" not in pool.channel_budgets
+
+
+async def test_an_answer_goes_on_the_connection_its_channel_session_listens_on_while_it_has_room(
+    make_pool: Callable[..., ConnectionPool],
+) -> None:
+    pool = make_pool(concurrency=8, streams_per_connection=2)  # four connections
+    listener = pool.clients[2]
+    first = pool.acquire("chat:a", prefer=listener)
+    second = pool.acquire("chat:b", prefer=listener)
+    assert first.client is listener and second.client is listener
+    third = pool.acquire("chat:c", prefer=listener)  # full: the least busy one instead
+    assert third.client is not listener
+    assert pool.client_streaming("chat:a") is listener
+    pool.release(first)
+    assert pool.client_streaming("chat:a") is None  # no answer on it any more
+    assert pool.acquire("chat:d", prefer=listener).client is listener  # room again

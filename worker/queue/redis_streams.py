@@ -18,6 +18,7 @@ expired (`reclaim`), so a slow but live worker keeps its jobs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -55,7 +56,12 @@ return 1
 
 # Returns {attempts, response_serial} for a job this worker may run, {-1} for a second
 # entry of a job that already has one (a duplicate enqueue), {-2} for a finished job.
-_TAKE = """
+# KEYS[2] the sessions sorted set, ARGV[7] the prefix, ARGV[8] the job's channel ('' when
+# the job cannot run), ARGV[9] the entry's time: a job taken keeps its session active
+# (jobs added with a raw XADD open theirs here). One round trip per job taken.
+_TAKE = (
+    OPEN_SESSION_LUA
+    + """
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if entry and entry ~= ARGV[1] then return {-1, ''} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -67,8 +73,10 @@ end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+open_session(KEYS[2], ARGV[7], ARGV[8], ARGV[9])
 return {attempts, redis.call('HGET', KEYS[1], 'response_serial') or ''}
 """
+)
 
 # Moves due retries from the delayed set back into the stream.
 _PROMOTE = """
@@ -354,16 +362,22 @@ class RedisStreamsQueue:
 
     async def _accept_all(self, entries: list[Any], *, reclaimed: bool) -> list[Delivery]:
         """Entries as read (bytes) into deliveries; a job that cannot run is one too."""
-        deliveries = []
-        for raw_id, raw_fields in entries:
-            entry_id = _text(raw_id)[0]
-            if raw_fields is None:  # deleted while pending: nothing to run
-                await self._ack(entry_id)
-                continue
-            delivery = await self._accept(entry_id, raw_fields, reclaimed)
-            if delivery is not None:
-                deliveries.append(delivery)
-        return deliveries
+        # Side by side, not one after another: a take of 100 jobs must not wait for 100
+        # round trips on an event loop that is busy streaming (Redis runs each script
+        # atomically; the connection pool bounds how many go at once).
+        accepted = await asyncio.gather(
+            *(self._accept_one(_text(raw_id)[0], raw_fields, reclaimed)
+              for raw_id, raw_fields in entries)
+        )  # fmt: skip
+        return [delivery for delivery in accepted if delivery is not None]
+
+    async def _accept_one(
+        self, entry_id: str, raw_fields: dict[Any, Any] | None, reclaimed: bool
+    ) -> Delivery | None:
+        if raw_fields is None:  # deleted while pending: nothing to run
+            await self._ack(entry_id)
+            return None
+        return await self._accept(entry_id, raw_fields, reclaimed)
 
     async def _accept(
         self, entry_id: str, raw_fields: dict[Any, Any], reclaimed: bool
@@ -384,13 +398,14 @@ class RedisStreamsQueue:
         channel = job.channel if job else _raw_channel(payload)
         stored = job.to_json() if job else payload  # with its id, so a retry keeps it
         now, ttl = now_ms(), self.record_ttl_s
-        args: list[str | int] = [entry_id, self.consumer, now, stored, channel, ttl]
-        attempts, serial = await self._take(keys=[self.record_key(job_id)], args=args)
+        session = job.channel if job is not None else ""
+        args: list[str | int] = [entry_id, self.consumer, now, stored, channel, ttl,
+                                 self.prefix, session, int(entry_id.split("-")[0])]  # fmt: skip
+        keys = [self.record_key(job_id), sessions_key(self.prefix)]
+        attempts, serial = await self._take(keys=keys, args=args)
         if int(attempts) < 0:  # duplicate entry, or a job already finished: drop the entry
             await self._ack(entry_id)
             return None
-        if job is not None:
-            await self.touch_session(job.channel, int(entry_id.split("-")[0]))
         delivery = Delivery(
             entry_id=entry_id, job_id=job_id, attempt=int(attempts), job=job, error=error,
             response_serial=serial or None, reclaimed=reclaimed,

@@ -29,7 +29,7 @@ def lease_key(prefix: str, channel: str) -> str:
 OPEN_SESSION_LUA = """
 local function open_session(sessions, prefix, channel, at)
   if not channel or channel == '' then return end
-  redis.call('ZADD', sessions, at, channel)
+  redis.call('ZADD', sessions, 'GT', at, channel)
   redis.call('HSETNX', prefix .. ':session:' .. channel, 'opened_at', at)
 end
 """

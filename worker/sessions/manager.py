@@ -16,6 +16,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.logs import get_logger
 from worker.queue import Queue
@@ -85,8 +86,18 @@ class SessionManager:
             if await self.store.acquire(channel):
                 await self._take(channel)
 
+    def client_of(self, channel: str) -> Any:
+        """The connection the channel's session listens on, or None."""
+        session = self.sessions.get(channel)
+        return session.client if session is not None else None
+
     async def _take(self, channel: str) -> None:
-        client = self.pool.clients[len(self.sessions) % len(self.pool.clients)]
+        # The connection an answer on the channel streams on, if any: it does not hear its
+        # own appends back (`echo: false`), so the session is spared them.
+        client = (
+            self.pool.client_streaming(channel)
+            or self.pool.clients[len(self.sessions) % len(self.pool.clients)]
+        )
         session = Session(channel, client, self.store, self.queue, self.options.session,
                           self.agent_ids)  # fmt: skip
         try:

@@ -13,7 +13,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from worker.logs import get_logger
+
+log = get_logger("worker.ably")
+
 ACK_TIMEOUT_S = 15.0
+RATE_LIMITED = 42911  # Ably: too many messages in one second (per connection or channel)
+RATE_LIMIT_RETRIES = 3
+RATE_LIMIT_WAIT_S = 1.0  # Ably's limits are per second: the next one has room
 
 T = TypeVar("T")
 
@@ -58,3 +65,23 @@ async def settle(
     failures: list[BaseException] = [AckTimeout("append not acknowledged") for _ in late]
     failures.extend(e for t in done if not t.cancelled() and (e := t.exception()) is not None)
     return failures
+
+
+def is_rate_limited(error: BaseException) -> bool:
+    return getattr(error, "code", None) == RATE_LIMITED
+
+
+async def unless_rate_limited(send: Callable[[], Awaitable[T]], what: str) -> T:
+    """`send()`, made again (up to `RATE_LIMIT_RETRIES` times, a second apart) while Ably
+    refuses it for its rate limit. The budgets keep each second inside Ably's 50, but a
+    busy event loop can bunch sends planned apart into one second; an awaited message (a
+    create, a close) refused for that alone must not fail the answer."""
+    for attempt in range(1, RATE_LIMIT_RETRIES + 1):
+        try:
+            return await send()
+        except Exception as exc:
+            if not is_rate_limited(exc):
+                raise
+            log.warning("ably.rate_limited", what=what, attempt=attempt)
+        await asyncio.sleep(RATE_LIMIT_WAIT_S)
+    return await send()

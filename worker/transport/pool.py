@@ -96,6 +96,7 @@ class ConnectionPool:
         rollup_window_s: float,
     ) -> None:
         size = max(1, math.ceil(concurrency / max(1, streams_per_connection)))
+        self.streams_per_connection = max(1, streams_per_connection)
         self.make_client = make_client
         self.clients = [self._new_client(slot) for slot in range(size)]
         self.on_recycle: list[Callable[[int], None]] = []  # told the slot of a new client
@@ -109,25 +110,44 @@ class ConnectionPool:
         # (several answers in one conversation): a budget per channel with answers on it.
         self.channel_budgets: dict[str, Budget] = {}
         self.channel_active: dict[str, int] = {}
+        self.channel_slot: dict[str, int] = {}  # the latest answer's connection, by channel
 
     @property
     def primary(self) -> Any:
         """The connection for everything that is not an answer (presence)."""
         return self.clients[0]
 
-    def acquire(self, channel: str) -> Lease:
-        slot = min(range(len(self.clients)), key=lambda i: self.active[i])
+    def acquire(self, channel: str, prefer: Any = None) -> Lease:
+        """The least busy connection, or `prefer` (the connection the channel's session
+        listens on) while it has room: a connection never receives its own messages
+        back (`echo: false`), so the session then does not hear every append."""
+        slot = self._slot_with_room(prefer)
+        if slot is None:
+            slot = min(range(len(self.clients)), key=lambda i: self.active[i])
         self.active[slot] += 1
         if channel not in self.channel_budgets:
             self.channel_budgets[channel] = Budget(self.messages_per_second, BURST)
         self.channel_active[channel] = self.channel_active.get(channel, 0) + 1
+        self.channel_slot[channel] = slot
         return Lease(self.clients[slot], slot, channel, self)
+
+    def _slot_with_room(self, client: Any) -> int | None:
+        for slot, candidate in enumerate(self.clients):
+            if candidate is client and self.active[slot] < self.streams_per_connection:
+                return slot
+        return None
+
+    def client_streaming(self, channel: str) -> Any:
+        """The connection an answer on `channel` streams on now, or None."""
+        slot = self.channel_slot.get(channel)
+        return self.clients[slot] if slot is not None else None
 
     def release(self, lease: Lease) -> None:
         self.active[lease.slot] -= 1
         self.channel_active[lease.channel] -= 1
         if not self.channel_active[lease.channel]:
             del self.channel_active[lease.channel]
+            self.channel_slot.pop(lease.channel, None)
         self._forget_idle_channels()
 
     def _forget_idle_channels(self) -> None:

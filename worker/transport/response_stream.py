@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from ably import AblyException
 
 from worker.transport import contract, lookup
-from worker.transport.acks import acked, settle
+from worker.transport.acks import acked, settle, unless_rate_limited
 from worker.transport.contract import Headers, Status
 from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
@@ -91,11 +91,16 @@ class ResponseStream:
         return True
 
     async def _paced(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        """An awaited send (create, reopen, close), after its token."""
-        await asyncio.sleep(self.pacer.reserve())
-        if not self._may_send():
-            raise Abandoned(f"not sending {what}: the job is no longer this worker's")
-        return await acked(operation(), what, on_timeout=self.pacer.stalled)
+        """An awaited send (create, reopen, close), after its token; sent again if Ably
+        refuses it for its rate limit."""
+
+        async def send() -> T:
+            await asyncio.sleep(self.pacer.reserve())
+            if not self._may_send():
+                raise Abandoned(f"not sending {what}: the job is no longer this worker's")
+            return await acked(operation(), what, on_timeout=self.pacer.stalled)
+
+        return await unless_rate_limited(send, what)
 
     async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         """Start the message, or reopen the one an earlier attempt started (emptied, so the

@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from worker.transport import contract
-from worker.transport.acks import acked, settle
+from worker.transport.acks import acked, settle, unless_rate_limited
 from worker.transport.contract import Headers, Status
 from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
@@ -47,13 +47,19 @@ class TokenStream:
     async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         """Publish `start`. A retry starts again (`start` tells clients to reset)."""
         start = contract.token_start(self.headers, self.attempt)
-        await asyncio.sleep(self.pacer.reserve())
-        self._check("the start message")
-        result = await acked(
-            self.channel.publish(start), "the start message", on_timeout=self.pacer.stalled
-        )
+        result = await self._paced(start, "the start message")
         self.serial = str(result.serials[0])
         return None
+
+    async def _paced(self, message: Any, what: str) -> Any:
+        """An awaited publish, after its token; again if Ably refuses it for its rate."""
+
+        async def send() -> Any:
+            await asyncio.sleep(self.pacer.reserve())
+            self._check(what)
+            return await acked(self.channel.publish(message), what, on_timeout=self.pacer.stalled)
+
+        return await unless_rate_limited(send, what)
 
     def append(self, delta: str) -> None:
         if not delta or self.aborted:
@@ -84,8 +90,5 @@ class TokenStream:
         pending, self._pending = self._pending, []
         failures = await settle(pending, on_timeout=self.pacer.stalled)
         self.headers = self.headers.with_status(status, error)
-        await asyncio.sleep(self.pacer.reserve())
-        self._check("the stop message")
-        stop = contract.token_stop(self.text, self.headers)
-        await acked(self.channel.publish(stop), "stop", on_timeout=self.pacer.stalled)
+        await self._paced(contract.token_stop(self.text, self.headers), "the stop message")
         return len(failures)
