@@ -21,6 +21,12 @@ which the publisher skips rather than repeats. When the response cannot be conti
 (gone, failed, cancelled upstream) or the message lacks recorded text, the record is
 forgotten first, then the message is reset and the model asked again, as without it.
 A user's cancel also cancels the background response upstream.
+
+On Ably AI Transport's wire (`WIRE_PROTOCOL=ait`, or the job's `wire`) the answer is the
+same message in that contract's shape (`transport.ait`), and the run's lifecycle events
+go around it: `ai-run-start` before the first attempt creates the message, `ai-run-end`
+once the job's outcome is final (completed, cancelled, dead), after the closing update.
+A retried or interrupted attempt ends no run: the next attempt finishes it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from redis.exceptions import RedisError
 
@@ -40,6 +46,8 @@ from worker.jobs import Job, JobError, Pattern, parse_job, valid_channel, valid_
 from worker.logs import get_logger
 from worker.model import Done, Failed, Gone, Model, ModelEvent, Started, TextDelta
 from worker.queue import Delivery, JobState, Queue
+from worker.transport.ait import AitRun, RunReason
+from worker.transport.ait_lifecycle import RunLifecycle, find_input
 from worker.transport.contract import Headers, Status
 from worker.transport.pool import Lease
 from worker.transport.publisher import Abandoned, Alive, Publisher, always_alive
@@ -140,6 +148,16 @@ CLOSING_STATUS = {
 }
 INTERRUPTED_NOTE = "worker shutting down; the job will resume"
 
+# How an AI Transport run ends, per outcome; a retry or an interrupted job ends none (the
+# run goes on in the next attempt).
+RUN_REASON: dict[Outcome, RunReason] = {
+    Outcome.COMPLETED: "complete",
+    Outcome.CANCELLED: "cancelled",
+    Outcome.DEAD: "error",
+}
+
+WireProtocol = Literal["seed", "ait"]
+
 EVENTS = {
     Outcome.COMPLETED: "job.completed",
     Outcome.CANCELLED: "job.cancelled",
@@ -186,6 +204,8 @@ class Figures:
 
 
 MakePublisher = Callable[[Job, Delivery, Lease, Alive], Publisher]
+# The run's lifecycle events on the AI Transport wire; None for a seed-contract job.
+MakeLifecycle = Callable[[Job, Lease, Alive], RunLifecycle | None]
 
 # How often, at most, a running job writes its model progress to its record.
 PROGRESS_INTERVAL_S = 0.5
@@ -290,12 +310,16 @@ class JobRunner:
         timeout_s: float,
         make_publisher: MakePublisher | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
+        wire_protocol: WireProtocol = "seed",
+        make_lifecycle: MakeLifecycle | None = None,
     ) -> None:
         self.queue = queue
         self.model = model
         self.timeout_s = timeout_s
         self.make_publisher = make_publisher or self.channel_publisher
         self.progress_interval_s = progress_interval_s
+        self.wire_protocol = wire_protocol  # for jobs that name no `wire`
+        self.make_lifecycle = make_lifecycle or self.channel_lifecycle
 
     async def run(
         self, delivery: Delivery, lease: Lease, control: JobControl | None = None
@@ -312,10 +336,13 @@ class JobRunner:
         def alive() -> bool:
             return control.reason is not StopReason.HEARTBEAT_LOST and control.alive()
 
+        job = await self._located(job, lease)
         publisher = self.make_publisher(job, delivery, lease, alive)
+        lifecycle = self._lifecycle(job, delivery, lease, alive)
         progress = Progress(self.queue, delivery, publisher, self.progress_interval_s)
-        ending = await self._attempt(delivery, job, publisher, figures, control, progress)
-        outcome = await self._conclude(delivery, publisher, figures, ending, control)
+        ending = await self._attempt(delivery, job, publisher, figures, control, progress,
+                                     lifecycle)  # fmt: skip
+        outcome = await self._conclude(delivery, publisher, figures, ending, control, lifecycle)
         if outcome is Outcome.CANCELLED and isinstance(ending, Stopped):
             await self._cancel_upstream(progress.model_response_id)
         return outcome
@@ -339,11 +366,14 @@ class JobRunner:
 
         opened: Publisher | None = None
         publisher = self.make_publisher(job, delivery, lease, alive)
+        lifecycle = self._lifecycle(job, delivery, lease, alive)
         resuming = (
             delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
         )
         try:
             async with asyncio.timeout(self.timeout_s):
+                if lifecycle is not None and not lifecycle.started:
+                    await lifecycle.start()
                 finished = await publisher.open(delivery.response_serial, resuming=resuming)
             if finished is None:
                 opened = publisher
@@ -362,7 +392,7 @@ class JobRunner:
         except Exception as exc:  # the dead letter holds the reason all the same
             log.warning("job.refusal_not_published", error=f"{type(exc).__name__}: {exc}")
             publisher.abort()
-        return await self._conclude(delivery, opened, figures, ending, control)
+        return await self._conclude(delivery, opened, figures, ending, control, lifecycle)
 
     async def _stand_in(self, delivery: Delivery) -> tuple[Job | None, bool]:
         """The job to tell the user about, when the payload names a valid channel (the
@@ -384,17 +414,65 @@ class JobRunner:
         stand_in = Job.model_construct(id=delivery.job_id, channel=channel, input="")
         return stand_in, False
 
+    def ait_run(self, job: Job) -> AitRun | None:
+        """The job's run on the AI Transport wire, or None for the seed contract."""
+        if (job.wire or self.wire_protocol) != "ait":
+            return None
+        return AitRun(job.id, job.input_codec_message_id, job.user_client_id)
+
     def channel_publisher(
         self, job: Job, delivery: Delivery, lease: Lease, alive: Alive
     ) -> Publisher:
-        """The job's pattern's publisher on its Ably channel, paced by the lease."""
+        """The job's pattern's publisher on its Ably channel, paced by the lease. The AI
+        Transport wire has no message per token: its answers are one message."""
         headers = Headers(
-            response_id=job.id, model=self.model.model_for(job), metadata=job.metadata
-        )
+            response_id=job.id, model=self.model.model_for(job), metadata=job.metadata,
+            ait=self.ait_run(job),
+        )  # fmt: skip
         channel = lease.client.channels.get(job.channel)
-        if job.pattern == Pattern.MESSAGE_PER_TOKEN:
+        if job.pattern == Pattern.MESSAGE_PER_TOKEN and headers.ait is None:
             return TokenStream(channel, headers, delivery.attempt, lease, alive)
         return ResponseStream(channel, headers, lease, alive)
+
+    def channel_lifecycle(self, job: Job, lease: Lease, alive: Alive) -> RunLifecycle | None:
+        run = self.ait_run(job)
+        if run is None:
+            return None
+        return RunLifecycle(lease.client.channels.get(job.channel), run, job.id, lease, alive)
+
+    async def _located(self, job: Job, lease: Lease) -> Job:
+        """An AI Transport job a backend enqueued may name its input by event-id alone
+        (the invocation's `inputEventId`): found on the channel, the input gives the run
+        its parent (codec-message-id) and its user (the sender's Ably clientId)."""
+        if self.ait_run(job) is None or not job.input_event_id or job.input_codec_message_id:
+            return job
+        try:
+            async with asyncio.timeout(10):
+                channel = lease.client.channels.get(job.channel)
+                found = await find_input(channel, event_id=job.input_event_id)
+        except Exception as exc:  # the answer goes out all the same, as a run of its own
+            log.warning("ait.input_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+            return job
+        if found is None:
+            log.warning("ait.input_not_found", event_id=job.input_event_id)
+            return job
+        log.info("ait.input_located", event_id=job.input_event_id,
+                 input_codec_message_id=found.codec_message_id)  # fmt: skip
+        user = found.client_id or job.user_client_id
+        return job.model_copy(
+            update={"input_codec_message_id": found.codec_message_id, "user_client_id": user}
+        )
+
+    def _lifecycle(
+        self, job: Job, delivery: Delivery, lease: Lease, alive: Alive
+    ) -> RunLifecycle | None:
+        lifecycle = self.make_lifecycle(job, lease, alive)
+        if lifecycle is not None and delivery.response_serial is not None:
+            # An earlier attempt created the answer's message, so it started the run
+            # first: a second `ai-run-start` (Ably dedupes its id for only 2 minutes)
+            # would be a second start of the same run.
+            lifecycle.started = True
+        return lifecycle
 
     # -- the attempt ---------------------------------------------------------------------
 
@@ -406,11 +484,14 @@ class JobRunner:
         figures: Figures,
         control: JobControl,
         progress: Progress,
+        lifecycle: RunLifecycle | None = None,
     ) -> Ending:
         """Stream the answer; says how it ended and never raises (but a foreign cancel)."""
         deadline = asyncio.timeout(self.timeout_s)
         try:
             async with deadline:
+                if lifecycle is not None and not lifecycle.started:
+                    await lifecycle.start()  # before the answer's message exists
                 return await self._stream(delivery, job, publisher, figures, progress)
         except asyncio.CancelledError:
             if control.reason is None:
@@ -544,6 +625,7 @@ class JobRunner:
         figures: Figures,
         ending: Ending,
         control: JobControl,
+        lifecycle: RunLifecycle | None = None,
     ) -> Outcome:
         control.finishing = True
         outcome = decide(ending, delivery.attempt, self.queue.max_attempts)
@@ -552,6 +634,8 @@ class JobRunner:
                 outcome, ending = await self._close_message(delivery, publisher, outcome, ending)
             if outcome is Outcome.ABANDONED:
                 return self._abandon(publisher, figures, ending)
+            if lifecycle is not None and lifecycle.started and outcome in RUN_REASON:
+                await self._end_run(lifecycle, outcome, ending)
             if not await self._transition(delivery, outcome, ending, figures, publisher):
                 return self._abandon(publisher, figures, Fenced(str(outcome)))
         except RedisError as exc:
@@ -585,6 +669,17 @@ class JobRunner:
                 ending = Failure(f"closing the message failed: {exc}")
                 return decide(ending, delivery.attempt, self.queue.max_attempts), ending
         return outcome, ending
+
+    @staticmethod
+    async def _end_run(lifecycle: RunLifecycle, outcome: Outcome, ending: Ending) -> None:
+        """`ai-run-end`, after the close: else the client shows the run active for ever.
+        Best effort: the message is closed already, and the outcome stands."""
+        error = ending.error if isinstance(ending, Failure) else None
+        try:
+            await asyncio.shield(lifecycle.end(RUN_REASON[outcome], error))
+        except Exception as exc:
+            log.warning("ait.run_end_failed", reason=RUN_REASON[outcome],
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     async def _transition(
         self,

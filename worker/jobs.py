@@ -40,7 +40,7 @@ _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 # The headers the worker writes itself (transport.contract.Headers): metadata may not
 # pose as them (a job's `error` header would read as the worker's).
 RESERVED_HEADERS = frozenset({"responseId", "status", "model", "error"})
-SHORT_TEXT_CHARS = 256  # model, previous_response_id, user_client_id
+SHORT_TEXT_CHARS = 256  # model, previous_response_id, user_client_id, the AIT ids
 # A reason is one line, short enough for a channel header (contract.MAX_ERROR_CHARS).
 MAX_REASON_CHARS = 500
 _MAX_PROBLEMS = 5  # a reason names the first few problems, then how many more
@@ -145,6 +145,25 @@ class Job(BaseModel):
         max_length=SHORT_TEXT_CHARS,
         description="The Ably clientId of the user the answer is for.",
     )
+    wire: Literal["seed", "ait"] | None = Field(
+        default=None,
+        description="The wire contract the answer is published in: `seed` (the `response` "
+        "message) or `ait` (Ably AI Transport's, for front ends built on "
+        "@ably/ai-transport 0.8.0; always message per response). The worker's "
+        "WIRE_PROTOCOL if absent.",
+    )
+    input_codec_message_id: str | None = Field(
+        default=None,
+        max_length=SHORT_TEXT_CHARS,
+        description="AI Transport: the codec-message-id of the user's `ai-input` this job "
+        "answers (the run's parent).",
+    )
+    input_event_id: str | None = Field(
+        default=None,
+        max_length=SHORT_TEXT_CHARS,
+        description="AI Transport: the event-id of that `ai-input` (the invocation's "
+        "inputEventId).",
+    )
 
     @field_validator("channel")
     @classmethod
@@ -163,7 +182,10 @@ class Job(BaseModel):
             raise ValueError("must not be empty")
         return _no_surrogates(value) if isinstance(value, str) else value
 
-    @field_validator("model", "instructions", "previous_response_id", "user_client_id")
+    @field_validator(
+        "model", "instructions", "previous_response_id", "user_client_id",
+        "input_codec_message_id", "input_event_id",
+    )  # fmt: skip
     @classmethod
     def _text(cls, value: str | None) -> str | None:
         return None if value is None else _no_surrogates(value)

@@ -12,7 +12,7 @@ import hashlib
 from typing import Any
 
 from worker.jobs import valid_job_id
-from worker.transport import contract
+from worker.transport import ait, contract
 
 TRANSCRIPT_CHARS = 24_000
 
@@ -39,7 +39,7 @@ async def transcript(
         for message in page.items or []:
             if _turn(message) is None:
                 continue
-            if getattr(message, "name", None) == contract.PROMPT:
+            if getattr(message, "name", None) in (contract.PROMPT, ait.INPUT):
                 if (getattr(message, "serial", "") or "") < before_serial:
                     prompts.append(message)
             else:
@@ -87,6 +87,10 @@ def _turn(message: Any) -> dict[str, str] | None:
         return None
     if name == contract.PROMPT and getattr(message, "client_id", None):
         return {"role": "user", "content": data}
-    if name == contract.RESPONSE and contract.header(message, "status") == "complete":
+    if name == ait.INPUT and getattr(message, "client_id", None):
+        part = ait.input_part(message)  # an AI Transport user message's text part
+        return {"role": "user", "content": data} if part and part.text else None
+    answer = name in (contract.RESPONSE, ait.OUTPUT)
+    if answer and contract.header(message, "status") == "complete":
         return {"role": "assistant", "content": data}
     return None

@@ -12,6 +12,14 @@ and are enqueued when it ends, chained to it (`previous_response_id`, or the tra
 with Chat Completions). A `cancel` from the job's user, or from a client whose verified
 claim has a role in `CANCEL_ROLES`, stops the job whatever its state. After each user
 message the checkpoint advances.
+
+Ably AI Transport's client speaks here too (`transport.ait`): a user message is one
+`ai-input` per part, published together, so the parts are gathered (consecutive, one
+codec-message-id) and become one prompt, their texts joined, on the AI Transport wire.
+Its job id is the input's event-id (the invocation's `inputEventId`), so a backend that
+enqueues the same input makes no second job. An `ai-cancel` names the run or the input
+(codec-message-id); one whose job is not known yet is held a little while and applied
+once it is.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ably.types.channelstate import ChannelState
@@ -32,7 +40,8 @@ from worker.queue import Queue
 from worker.sessions import conversation
 from worker.sessions.resume import Checkpoint, missed_since
 from worker.sessions.store import SessionStore
-from worker.transport import contract
+from worker.transport import ait, contract, lookup
+from worker.transport.ait_lifecycle import RunLifecycle, find_input
 from worker.transport.contract import UserMessage
 
 log = get_logger("worker.session")
@@ -40,6 +49,7 @@ log = get_logger("worker.session")
 FINISHED = ("completed", "cancelled", "dead")
 POLL_S = 0.25  # how often a session with an active answer checks whether it has ended
 SEEN_SERIALS = 10_000
+HOLD_CANCEL_S = 30.0  # an `ai-cancel` for a job not known yet waits this long for it
 _RESUME = object()  # an inbox item: run the resume routine again
 
 
@@ -48,6 +58,7 @@ class SessionOptions:
     api: Literal["responses", "chat"] = "responses"
     cancel_roles: frozenset[str] = frozenset()
     transcript_chars: int = conversation.TRANSCRIPT_CHARS
+    wire_protocol: Literal["seed", "ait"] = "seed"  # for jobs that name no `wire`
 
 
 class Session:
@@ -71,6 +82,9 @@ class Session:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._first_live: str | None = None  # the first serial the subscription delivered
         self._task: asyncio.Task[None] | None = None
+        self._parts: list[UserMessage] = []  # an AI Transport user message, being gathered
+        self._held: list[tuple[UserMessage, float]] = []  # `ai-cancel`s and their deadline
+        self._inputs: OrderedDict[str, str] = OrderedDict()  # input codec-message-id: job id
 
     # -- life --------------------------------------------------------------------------
 
@@ -115,12 +129,15 @@ class Session:
             try:
                 item = await asyncio.wait_for(self._inbox.get(), POLL_S)
             except TimeoutError:
+                await self._step(self._flush_parts())
                 await self._step(self._advance())
                 continue
             if item is _RESUME:
                 await self._step(self._resume("reattached"))
             else:
                 await self._step(self._handle(item))
+            if self._inbox.empty():  # a message's parts arrive together: all are in
+                await self._step(self._flush_parts())
 
     async def _step(self, work: Awaitable[None]) -> None:
         """One step; a failure (Redis or Ably away) is logged and the session goes on."""
@@ -143,6 +160,7 @@ class Session:
         for message in missed.messages:
             kind = await self._process(message)
             counts[kind] += 1
+        await self._flush_parts()
         log.info("session.resumed", channel=self.name, reason=reason, pages=missed.pages,
                  held=self._inbox.qsize(), ms=round((time.monotonic() - started) * 1000),
                  **counts)  # fmt: skip
@@ -161,7 +179,11 @@ class Session:
         if user is None:
             self._remember(serial)
             return "skipped"
-        if user.client_id is None or user.client_id in await self.agent_ids():
+        ignored = user.client_id is None or user.client_id in await self.agent_ids()
+        if not ignored and user.wire == "ait" and user.kind == "prompt":
+            return await self._gather(user)
+        await self._flush_parts()  # a user message after an input's parts: they are all in
+        if ignored:
             reason = "no clientId" if user.client_id is None else "from an agent"
             log.info("session.message_ignored", channel=self.name, kind=user.kind, reason=reason)
             kind: Literal["prompts", "cancels", "skipped"] = "skipped"
@@ -175,6 +197,26 @@ class Session:
         await self.store.touch(self.name)
         self._remember(serial)
         return kind
+
+    async def _gather(self, part: UserMessage) -> Literal["prompts", "skipped"]:
+        """One part of an AI Transport user message: kept until its last part is in."""
+        if self._parts and self._parts[0].input_codec_message_id != part.input_codec_message_id:
+            await self._flush_parts()
+        self._parts.append(part)
+        self._remember(part.serial)
+        return "prompts" if len(self._parts) == 1 else "skipped"
+
+    async def _flush_parts(self) -> None:
+        """The gathered parts as one prompt, their texts joined; then the checkpoint."""
+        parts, self._parts = self._parts, []
+        if not parts:
+            return
+        texts = [part.text for part in parts if part.text]
+        first, last = parts[0], parts[-1]
+        await self._prompt(replace(first, text="\n".join(texts) if texts else None))
+        await self.store.save(self.name, checkpoint_serial=last.serial,
+                              checkpoint_at=last.timestamp)  # fmt: skip
+        await self.store.touch(self.name)
 
     def _remember(self, serial: str) -> None:
         self._seen[serial] = None
@@ -190,19 +232,32 @@ class Session:
             "input": user.text or "",
             "user_client_id": user.client_id,
         }
+        if user.wire == "ait":  # answered on the wire it was asked on
+            fields.update(id=_ait_job_id(user.input_event_id, user.input_codec_message_id),
+                          wire="ait", input_codec_message_id=user.input_codec_message_id,
+                          input_event_id=user.input_event_id)  # fmt: skip
+            self._inputs[user.input_codec_message_id or ""] = fields["id"]
+            while len(self._inputs) > SEEN_SERIALS:
+                self._inputs.popitem(last=False)
+            log.info("ait.input", channel=self.name, job_id=fields["id"],
+                     event_id=user.input_event_id)  # fmt: skip
         if user.model:
             fields["model"] = user.model
         if user.pattern in {p.value for p in Pattern}:
             fields["pattern"] = user.pattern
         try:
             if user.text is None:
-                raise JobError("invalid prompt: its data must be text")
+                what = "no text part" if user.wire == "ait" else "its data must be text"
+                raise JobError(f"invalid prompt: {what}")
             parse_job(fields)
         except JobError as exc:
             reason = one_line(str(exc))
             log.warning("session.prompt_refused", channel=self.name, job_id=fields["id"],
                         reason=reason)  # fmt: skip
-            await self._answer_refused(fields["id"], reason)
+            if user.wire == "ait":
+                await self._ait_refused(fields, reason)
+            else:
+                await self._answer_refused(fields["id"], reason)
             return False
         fields["_serial"] = user.serial  # where it stands in the channel, for the transcript
         state = await self.store.state(self.name)
@@ -227,8 +282,28 @@ class Session:
             log.warning("session.refusal_not_published", channel=self.name, job_id=job_id,
                         error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
+    async def _ait_refused(self, fields: dict[str, Any], reason: str) -> None:
+        """An AI Transport input that cannot become a job: its run starts, its answer is
+        closed with no text, and the run ends `error` with the reason."""
+        run = ait.AitRun(str(fields["id"]), fields.get("input_codec_message_id"),
+                         fields.get("user_client_id"))  # fmt: skip
+        headers = contract.Headers(response_id=run.job_id, model="", ait=run)
+        lifecycle = RunLifecycle(self.channel, run, run.job_id)
+        try:
+            async with asyncio.timeout(10):
+                await lifecycle.start()
+                sent = await self.channel.publish(contract.response_create(headers))
+                failed = headers.with_status(contract.Status.FAILED, reason)
+                closing = contract.response_replace(str(sent.serials[0]), "", failed)
+                await self.channel.update_message(closing)
+                await lifecycle.end("error", reason)
+        except Exception as exc:
+            log.warning("session.refusal_not_published", channel=self.name, job_id=run.job_id,
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+
     async def _advance(self) -> None:
         """If no answer is active, enqueue the next waiting prompt, chained to the last."""
+        await self._retry_held()
         state = await self.store.state(self.name)
         if state.active is not None:
             record = await self.queue.status(state.active) or {}
@@ -263,22 +338,44 @@ class Session:
     # -- cancels -----------------------------------------------------------------------
 
     async def _cancel(self, user: UserMessage) -> None:
+        if user.wire == "ait":
+            if not await self._apply_cancel(user, await self._ait_target(user)):
+                self._held.append((user, time.monotonic() + HOLD_CANCEL_S))
+                log.info("ait.cancel_held", channel=self.name, run_id=user.run_id,
+                         input_codec_message_id=user.input_codec_message_id)  # fmt: skip
+            return
+        if not await self._apply_cancel(user, user.response_id):
+            log.info("job.cancel_refused", channel=self.name, job_id=user.response_id,
+                     by=user.client_id, reason="no such job")  # fmt: skip
+
+    async def _retry_held(self) -> None:
+        """`ai-cancel`s whose job was not known: applied once it is, else dropped."""
+        held, self._held = self._held, []
+        for user, deadline in held:
+            if await self._apply_cancel(user, await self._ait_target(user)):
+                continue
+            if time.monotonic() < deadline:
+                self._held.append((user, deadline))
+            else:
+                log.info("ait.cancel_expired", channel=self.name, run_id=user.run_id,
+                         input_codec_message_id=user.input_codec_message_id)  # fmt: skip
+
+    async def _apply_cancel(self, user: UserMessage, job_id: str | None) -> bool:
+        """Stop the job if the sender may; False when there is no such job (yet)."""
         # Not a job id: no such job (and nothing of it reaches Redis).
-        target = user.response_id if valid_job_id(user.response_id or "") else None
+        target = job_id if valid_job_id(job_id or "") else None
         state = await self.store.state(self.name)
         waiting = next((w for w in state.waiting if w["id"] == target), None)
         record = await self.queue.status(target) if target else None
         owner = waiting.get("user_client_id") if waiting else _owner(record)
         if target is None or (waiting is None and not record):
-            log.info("job.cancel_refused", channel=self.name, job_id=target, by=user.client_id,
-                     reason="no such job")  # fmt: skip
-            return
+            return False
         if not contract.may_cancel(
             user.client_id, user.user_claim, owner, self.options.cancel_roles
         ):
             log.warning("job.cancel_refused", channel=self.name, job_id=target, by=user.client_id,
                         reason="not the job's user and no allowed role")  # fmt: skip
-            return
+            return True
         if waiting is not None:  # never enqueued: it simply never runs
             await self.store.save(self.name, waiting=[w for w in state.waiting if w is not waiting])
             outcome = "cancelled"
@@ -288,21 +385,66 @@ class Session:
                 await self._close_cancelled(target, record)
         log.info("job.cancel_applied", channel=self.name, job_id=target, by=user.client_id,
                  outcome=outcome)  # fmt: skip
+        return True
 
     async def _close_cancelled(self, job_id: str, record: dict[str, str]) -> None:
-        """A job cancelled between attempts: its message (left `interrupted`) is closed."""
-        headers = contract.Headers(response_id=job_id, model=record.get("model", ""))
-        closing = contract.response_close(
-            record["response_serial"], headers.with_status(contract.Status.CANCELLED)
-        )
+        """A job cancelled between attempts: its message (left `interrupted`) is closed.
+        On the AI Transport wire the close carries the text the message holds (the client
+        takes an update without it for an empty text) and the run ends `cancelled`."""
+        job = _job(record)
+        run = None
+        if job is not None and (job.wire or self.options.wire_protocol) == "ait":
+            run = ait.AitRun(job.id, job.input_codec_message_id, job.user_client_id)
+        headers = contract.Headers(response_id=job_id, model=record.get("model", ""), ait=run)
+        cancelled = headers.with_status(contract.Status.CANCELLED)
+        serial = record["response_serial"]
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.channel.update_message(closing), 10)
+            async with asyncio.timeout(10):
+                if run is None:
+                    await self.channel.update_message(contract.response_close(serial, cancelled))
+                    return
+                found = await lookup.response_state(self.channel, serial)
+                text = found.text if found is not None else ""
+                closing = contract.response_replace(serial, text, cancelled)
+                await self.channel.update_message(closing)
+                await RunLifecycle(self.channel, run, job_id).end("cancelled")
+
+    async def _ait_target(self, user: UserMessage) -> str | None:
+        """The job an `ai-cancel` names: by its run (`run:J`), or by the input it answers
+        (an input this session read, else the input found on the channel: its event-id
+        makes the job id)."""
+        if user.run_id:
+            return ait.job_id_of_run(user.run_id)
+        codec_message_id = user.input_codec_message_id
+        if not codec_message_id:
+            return None
+        if codec_message_id in self._inputs:
+            return self._inputs[codec_message_id]
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                found = await find_input(self.channel, codec_message_id=codec_message_id)
+            if found is not None:
+                self._inputs[codec_message_id] = _ait_job_id(found.event_id, codec_message_id)
+                return self._inputs[codec_message_id]
+        return None
 
 
-def _owner(record: dict[str, str] | None) -> str | None:
+def _ait_job_id(event_id: str | None, codec_message_id: str | None) -> str:
+    """An AI Transport input's job id: its event-id, which a backend enqueueing the same
+    input (from the invocation's `inputEventId`) uses too; else its codec-message-id."""
+    key = event_id or codec_message_id or ""
+    return conversation.job_id_for(key, key)
+
+
+def _job(record: dict[str, str] | None) -> Job | None:
     if not record or not record.get("payload"):
         return None
     try:
-        return parse_job(record["payload"]).user_client_id
+        return parse_job(record["payload"])
     except JobError:
         return None
+
+
+def _owner(record: dict[str, str] | None) -> str | None:
+    job = _job(record)
+    return job.user_client_id if job is not None else None

@@ -15,6 +15,10 @@ streaming code. The table is in the README for front-end developers.
 What users send is read here too (`user_message`): the sender is the clientId Ably
 reports, and a role is read from `extras.userClaim`, which Ably sets from the sender's
 token (never from a header the client wrote).
+
+The second contract, Ably AI Transport's (`WIRE_PROTOCOL=ait`, or a job's `wire`), is
+shaped in `transport.ait` and joins here through `Headers.ait`: the same messages, named
+`ai-output`, carry `extras.ai` beside these headers (the rhythm is the same).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ably.types.message import Message
+
+from worker.transport import ait
+from worker.transport.ait import OUTPUT, AitRun
 
 RESPONSE = "response"
 CANCEL = "cancel"
@@ -52,6 +59,7 @@ class Headers:
     metadata: dict[str, str] = field(default_factory=dict)
     status: Status = Status.STREAMING
     error: str | None = None
+    ait: AitRun | None = None  # the AI Transport contract: `extras.ai` too, `ai-output`
 
     def with_status(self, status: Status, error: str | None = None) -> Headers:
         return replace(self, status=status, error=(error or "")[:MAX_ERROR_CHARS] or None)
@@ -61,7 +69,14 @@ class Headers:
         headers.update(responseId=self.response_id, status=str(self.status), model=self.model)
         if self.error:
             headers["error"] = self.error
+        if self.ait is not None:
+            return {"headers": headers, "ai": self.ait.output_extras(self.status)}
         return {"headers": headers}
+
+    @property
+    def name(self) -> str:
+        """The answer message's name: `ai-output` on the AI Transport wire."""
+        return RESPONSE if self.ait is None else OUTPUT
 
 
 # -- message per response --------------------------------------------------------------
@@ -70,22 +85,22 @@ class Headers:
 def response_create(headers: Headers) -> Message:
     """The id makes the create idempotent: one response, one message, whoever retries."""
     return Message(
-        name=RESPONSE, id=f"{headers.response_id}:response", data="", extras=headers.extras()
+        name=headers.name, id=f"{headers.response_id}:response", data="", extras=headers.extras()
     )
 
 
 def response_append(serial: str, delta: str, headers: Headers) -> Message:
-    return Message(name=RESPONSE, serial=serial, data=delta, extras=headers.extras())
+    return Message(name=headers.name, serial=serial, data=delta, extras=headers.extras())
 
 
 def response_replace(serial: str, text: str, headers: Headers) -> Message:
     """An update carrying the whole text: a retry's reset, a repair, or a closing update."""
-    return Message(name=RESPONSE, serial=serial, data=text, extras=headers.extras())
+    return Message(name=headers.name, serial=serial, data=text, extras=headers.extras())
 
 
 def response_close(serial: str, headers: Headers) -> Message:
     """An update of the headers alone: the text stays as the appends built it."""
-    return Message(name=RESPONSE, serial=serial, extras=headers.extras())
+    return Message(name=headers.name, serial=serial, extras=headers.extras())
 
 
 # -- message per token -----------------------------------------------------------------
@@ -131,7 +146,8 @@ def is_used_message_id(error: Any) -> bool:
 
 @dataclass(frozen=True)
 class UserMessage:
-    """A `prompt` or `cancel` a user published on a conversation channel."""
+    """A `prompt` or `cancel` a user published on a conversation channel; or, on Ably AI
+    Transport's wire, one text part of an `ai-input` user message, or an `ai-cancel`."""
 
     kind: Literal["prompt", "cancel"]
     serial: str
@@ -143,28 +159,51 @@ class UserMessage:
     model: str | None = None
     pattern: str | None = None
     user_claim: str | None = None  # Ably-verified, from the sender's token
+    wire: Literal["seed", "ait"] = "seed"
+    # AI Transport: the user message's codec-message-id (an input part), or the input a
+    # cancel names; the input's event-id; the run a cancel names.
+    input_codec_message_id: str | None = None
+    input_event_id: str | None = None
+    run_id: str | None = None
 
 
 def user_message(message: Any) -> UserMessage | None:
     """The user's prompt or cancel in a channel message, or None for anything else."""
     name = getattr(message, "name", None)
     serial = getattr(message, "serial", None)
-    if name not in (PROMPT, CANCEL) or not isinstance(serial, str):
+    if name not in (PROMPT, CANCEL, ait.INPUT, ait.CANCEL) or not isinstance(serial, str):
         return None
     extras = getattr(message, "extras", None)
     claim = extras.get("userClaim") if isinstance(extras, dict) else None
     data = getattr(message, "data", None)
+    common: dict[str, Any] = {
+        "serial": serial,
+        "timestamp": int(getattr(message, "timestamp", 0) or 0),
+        "client_id": getattr(message, "client_id", None) or None,
+        "message_id": getattr(message, "id", None),
+        "user_claim": claim if isinstance(claim, str) else None,
+    }
+    if name == ait.INPUT:
+        part = ait.input_part(message)
+        if part is None or part.run_id is not None:  # not a new prompt (tool results...)
+            return None
+        return UserMessage(kind="prompt", wire="ait", text=part.text,
+                           input_codec_message_id=part.codec_message_id,
+                           input_event_id=part.event_id, **common)  # fmt: skip
+    if name == ait.CANCEL:
+        target = ait.cancel_target(message)
+        if target is None:
+            return None
+        return UserMessage(kind="cancel", wire="ait", run_id=target.run_id,
+                           input_codec_message_id=target.input_codec_message_id,
+                           **common)  # fmt: skip
     return UserMessage(
         kind="prompt" if name == PROMPT else "cancel",
-        serial=serial,
-        timestamp=int(getattr(message, "timestamp", 0) or 0),
-        client_id=getattr(message, "client_id", None) or None,
-        message_id=getattr(message, "id", None),
         text=data if isinstance(data, str) else None,
         response_id=header(message, "responseId"),
         model=header(message, "model"),
         pattern=header(message, "pattern"),
-        user_claim=claim if isinstance(claim, str) else None,
+        **common,
     )
 
 
