@@ -26,7 +26,7 @@ from worker.devstack.openai_local import answer_text
 from worker.jobs import Job
 from worker.redis_client import connect_redis
 from worker.sessions.keys import lease_key
-from worker.transport import ait
+from worker.transport import ait, lookup
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -158,6 +158,29 @@ async def test_wire_protocol_ait_is_the_wire_of_jobs_that_name_none(
     names = [m.name for m in wire.messages]
     assert names[0] == ait.RUN_START and names[-1] == ait.RUN_END
     assert wire.output()[-1].data == answer_text(text)
+
+
+async def test_an_ait_answer_too_long_to_resend_closes_with_an_empty_append(
+    stack: Stack, channel_name: str
+) -> None:
+    # Over 60 KB the close cannot carry the whole text; an update without it would empty
+    # the answer the AI Transport client shows, so the close is an empty append.
+    text = prompt("ait long")
+    tokens = {"local_tokens": "24000", "local_tokens_per_second": "0"}
+    job = Job(channel=channel_name, input=text, wire="ait", metadata=tokens)
+    async with watching(stack, channel_name) as wire, running_worker(stack.settings()):
+        await stack.enqueue(job)
+        await stack.wait_state(job.id, "completed", timeout=60)
+        await wait_for(lambda: wire.run_end() is not None, what="ai-run-end")
+    output = wire.output()
+    close = output[-1]
+    assert close.action == MessageAction.MESSAGE_APPEND and not close.data
+    assert wire.transport(close)["status"] == "complete"
+    appended = "".join(m.data or "" for m in output if m.action == MessageAction.MESSAGE_APPEND)
+    expected = answer_text(text, 24000)
+    assert len(expected.encode()) > 60_000 and appended == expected
+    found = await lookup.response_state(stack.rest().channels.get(channel_name), close.serial)
+    assert found is not None and found.text == expected
 
 
 async def test_a_failed_ait_job_closes_its_output_and_ends_the_run_with_an_error(

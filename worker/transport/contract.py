@@ -99,8 +99,17 @@ def response_replace(serial: str, text: str, headers: Headers) -> Message:
 
 
 def response_close(serial: str, headers: Headers) -> Message:
-    """An update of the headers alone: the text stays as the appends built it."""
+    """An update of the headers alone: the text stays as the appends built it. (On AI
+    Transport's wire an empty append instead: see `closes_by_append`.)"""
     return Message(name=headers.name, serial=serial, extras=headers.extras())
+
+
+def closes_by_append(headers: Headers) -> bool:
+    """Whether a close that does not resend the text is an empty append (`response_append`
+    with no text) rather than `response_close`. AI Transport's client (0.8.0) reads an
+    update as the whole text, so an update without data would empty the answer it shows;
+    an empty append carrying the closing `extras.ai` closes the stream and keeps it."""
+    return headers.ait is not None
 
 
 # -- message per token -----------------------------------------------------------------

@@ -268,9 +268,13 @@ class ResponseStream:
         assert self.serial is not None, "close() before open()"
         failures = await self.flush()
         self.headers = self.headers.with_status(status, error)
+        send, what = self.channel.update_message, "the closing update"
         if len(self.text.encode()) <= MAX_RESEND_BYTES:
             closing = contract.response_replace(self.serial, self.text, self.headers)
+        elif contract.closes_by_append(self.headers):
+            closing = contract.response_append(self.serial, "", self.headers)
+            send, what = self.channel.append_message, "the closing append"
         else:
             closing = contract.response_close(self.serial, self.headers)
-        await self._paced(lambda: self.channel.update_message(closing), "the closing update")
+        await self._paced(lambda: send(closing), what)
         return len(failures)
