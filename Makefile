@@ -1,7 +1,7 @@
 # The README's two commands: `make dev` (the demo) and `make test` (the whole suite).
 # uv may have just been installed by setup without a PATH entry: `python3 -m uv` then.
 UV ?= $(shell command -v uv >/dev/null 2>&1 && echo uv || echo python3 -m uv)
-.PHONY: setup test dev lint soak
+.PHONY: setup test dev lint soak bench
 
 setup:
 	./scripts/setup.sh
@@ -21,3 +21,8 @@ dev: setup
 # and redeployed and Redis restarts; every job must end exactly once (tests/chaos_soak.py).
 soak: setup
 	$(UV) run python -m tests.chaos_soak --jobs 200
+
+# The benchmarks (bench/README.md): runs them and writes bench/RESULTS.md with PNG plots
+# under bench/plots/ (about 15 minutes on 2 cores; `python bench/report.py --quick` smokes).
+bench: setup
+	$(UV) run --group bench python bench/report.py

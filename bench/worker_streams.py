@@ -1,21 +1,33 @@
-"""What a browser sees when one worker process streams N answers at once, N = 1, 4, 16, 32.
+"""What a browser sees when a worker streams N answers at once, N = 1, 4, 16, 32 by default.
 
-    uv run python bench/worker_streams.py [--n 1 4 16 32] [--json]
+    uv run python bench/worker_streams.py [--n 1 4 16 32] [--processes P] [--json]
 
 Starts its own local services on loopback: `LocalRedis`, `LocalAbly` (Sockudo), the local
-OpenAI server (`python -m worker.devstack.openai_local`, its own process: 60 tokens/s,
+OpenAI server (`python -m worker.devstack.openai_local`, its own process: 50 tokens/s,
 first token after 200 ms, answers of about 200 tokens) and the fault proxy
 (`python -m worker.devstack.fault_proxy --enforce-rate-limits`, its own process) between
 the worker and Sockudo, which counts every worker connection's messages the way Ably's
 rate limits do (appends to one message inside the 40 ms rollup window count once) and
 refuses what Ably would refuse.
 
-For each N it runs the real worker in this process (`worker.app.serve`, default settings:
-STREAMS_PER_CONNECTION=4, a budget of 45 messages/s per connection; WORKER_CONCURRENCY
-the default 16, or N when N is larger, so that all N answers run at once), warms it up
-with one short job, then for one or more rounds enqueues N jobs, each answering on its
-own channel, while a live subscriber per channel (one Ably connection each, as N
-browsers would have) runs in a child process of this script. It reports:
+Where the worker runs (`--processes`):
+
+- 0 (the default): in this process (`worker.app.serve`); `time.process_time` of this
+  process is then the worker's CPU (plus this script's own small bookkeeping), and so is
+  its memory (VmRSS);
+- P >= 1: as real `python -m worker run` processes, `WORKER_PROCESSES=P` under the
+  supervisor (`worker/supervisor.py`) once it exists, else P separate processes with
+  `WORKER_PROCESSES=1` (`--launch` picks); the worker's CPU and memory are then the sums
+  over those processes and their children, read from /proc.
+
+For each N a fresh worker starts with the default settings (STREAMS_PER_CONNECTION=4, a
+budget of 44 messages/s per connection; WORKER_CONCURRENCY per process the default 16,
+or N when N is larger, in-process; ceil(N / P) with P processes: all N answers run at
+once), warms up with short jobs, idles for `--idle-seconds` (its idle CPU and memory),
+then for one or more rounds enqueues N jobs, each answering on its own channel, while a
+live subscriber per channel (one Ably connection each, as N browsers would have) runs in
+child processes of this script (one up to 160 channels, two above: `--subscriber-processes`).
+It reports:
 
 - ttft: from the enqueue to the first non-empty text the subscriber receives (p50/p95);
   `over`: the same minus the model's own first-token delay, i.e. the worker's overhead,
@@ -32,15 +44,18 @@ browsers would have) runs in a child process of this script. It reports:
 - the worker's Ably connections (open, and publishing in the round), the highest count
   of Ably-counted messages in any one-second window on any one connection, and how many
   the proxy refused (over 50/s per connection or channel);
-- CPU: the worker's (this process, `time.process_time`: the worker alone, since the
-  subscribers, the model server and the proxy are other processes) per answer and as a
-  share of one core, and the other processes' shares (Sockudo, the subscribers, the
-  proxy, the model server, Redis, the rest of the machine).
+- CPU: the worker's per answer, per token streamed (µs) and as a share of one core, and
+  the other processes' shares (Sockudo, the subscribers (all, and the busiest one), the
+  proxy, the model server, Redis, this script, the rest of the machine);
+- memory: the worker's resident memory (VmRSS) at idle after the warm-up and its peak
+  while the N answers stream (sampled every 0.1 s); (peak - idle) / N is the memory per
+  concurrent answer.
 
 Ratios against N=1 close the table. The rounds per N are enough to give `--min-samples`
-answers (8: eight rounds of one answer, two of four, one of 16 or 32). Every wait is
-bounded; a default run takes about 60 s. Exit status 1 if an answer was wrong or a
-publish refused.
+answers (8: eight rounds of one answer, two of four, one of 16 or more). Every wait is
+bounded: an N that fails (a worker that does not start, a round that does not end) is a
+row with its error, and the next N runs. A default run takes about 60 s. Exit status 1 if
+an answer was wrong, a publish refused or an N failed.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -55,12 +71,13 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
@@ -68,7 +85,7 @@ from json_child import JsonChild
 
 from worker.app import serve
 from worker.devstack.ably import LocalAbly
-from worker.devstack.openai_local.text import answer_text, delta_groups
+from worker.devstack.openai_local.text import answer_text, answer_tokens, delta_groups
 from worker.devstack.ports import free_port
 from worker.devstack.processes import server_process_options
 from worker.devstack.redis_server import LocalRedis
@@ -81,11 +98,60 @@ from worker.settings import Settings, load_settings
 from worker.transport.client import quiet_sdk_logs, realtime_client
 
 SCRIPT = str(Path(__file__).resolve())
+REPO = str(Path(__file__).resolve().parent.parent)
 START_TIMEOUT_S = 30.0  # a server or the worker getting ready
 ROUND_GRACE_S = 30.0  # on top of the model-only time, for one round to finish
+STOP_TIMEOUT_S = 30.0  # a worker draining and exiting
 DONE_STATUSES = ("complete", "failed", "cancelled")
 APPEND = 5  # MessageAction.MESSAGE_APPEND
 REPORT_LIMIT_BYTES = 64 * 1024 * 1024  # the subscribers' report: one line, every text in it
+SUBSCRIBERS_PER_PROCESS = 160  # channels one subscriber process holds, by default
+MEMORY_SAMPLE_S = 0.1
+SETTLE_WINDOW_S = 1.0
+
+
+def supervisor_available() -> bool:
+    """`worker/supervisor.py` is there: `WORKER_PROCESSES=P` runs P processes under it."""
+    return importlib.util.find_spec("worker.supervisor") is not None
+
+
+# --- /proc: process trees and memory ----------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process under it (children of children too), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of `pids` that still exist."""
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident memory (VmRSS, KB); 0 once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 # --- CPU clocks -------------------------------------------------------------------------
@@ -93,19 +159,24 @@ REPORT_LIMIT_BYTES = 64 * 1024 * 1024  # the subscribers' report: one line, ever
 
 @dataclass(frozen=True)
 class Meter:
-    """The clocks at one moment: wall, this process (the worker), each helper process."""
+    """The clocks at one moment: wall, the worker, each helper process."""
 
     wall: float
     worker: float
-    others: dict[str, float]  # by role: sockudo, subscribers, proxy, model, redis
+    workers: dict[int, float]  # by worker process
+    others: dict[str, float]  # by role: sockudo, subscribers, proxy, model, redis, bench
+    each: dict[int, float]  # by pid: every helper process (the busiest subscriber process)
     busy: float
 
     @classmethod
-    def take(cls, pids: dict[str, int]) -> Meter:
+    def take(cls, workers: dict[int, float], pids: dict[str, list[int]]) -> Meter:
+        each = {pid: process_cpu_s(pid) for role_pids in pids.values() for pid in role_pids}
         return cls(
             time.monotonic(),
-            time.process_time(),
-            {role: process_cpu_s(pid) for role, pid in pids.items()},
+            sum(workers.values()),
+            workers,
+            {role: sum(each[pid] for pid in role_pids) for role, role_pids in pids.items()},
+            each,
             system_busy_s(),
         )
 
@@ -116,6 +187,16 @@ def cpu_shares(start: Meter, end: Meter) -> dict[str, float]:
     shares.update({role: end.others[role] - start.others[role] for role in start.others})
     shares["rest"] = max(0.0, end.busy - start.busy - sum(shares.values()))
     return shares
+
+
+def busiest(start: Meter, end: Meter, pids: Iterable[int]) -> float:
+    """The most CPU seconds any one of `pids` used between two meters."""
+    return max((end.each[pid] - start.each[pid] for pid in pids), default=0.0)
+
+
+def busiest_worker(start: Meter, end: Meter) -> float:
+    """The most CPU seconds any one worker process used between two meters."""
+    return max((end.workers[pid] - start.workers.get(pid, 0.0) for pid in end.workers), default=0.0)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -177,23 +258,40 @@ class Watch:
 
 
 async def child_subscribers(spec: dict[str, Any]) -> None:
-    """`--child`: for each command line {"channels": [...], "timeout_s": t}, connect one
-    client per channel, attach, say ready, wait until every answer is closed (or the
-    timeout), report what each saw, close the clients. (Its CPU is read from /proc.)"""
+    """`--child`: for each command line {"channels": [...], "timeout_s": t,
+    "ready_timeout_s": r}, connect one client per channel (or per `channels_per_connection`
+    channels), attach, say ready, wait until every answer is closed (or the timeout),
+    report what each saw, close the clients. (Its CPU is read from /proc.)"""
     loop = asyncio.get_running_loop()
+    per_client = max(1, int(spec.get("channels_per_connection", 1)))
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         command = json.loads(line)
         channels: list[str] = command["channels"]
         watches = {name: Watch() for name in channels}
-        clients = [realtime_client(spec["key"], spec["endpoint"]) for _ in channels]
+        clients = [
+            realtime_client(spec["key"], spec["endpoint"])
+            for _ in range(math.ceil(len(channels) / per_client))
+        ]
         try:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                await asyncio.gather(
-                    *(
-                        c.channels.get(name).subscribe(watches[name].on_message)
-                        for c, name in zip(clients, channels, strict=True)
+            try:
+                async with asyncio.timeout(command.get("ready_timeout_s", START_TIMEOUT_S)):
+                    await asyncio.gather(
+                        *(
+                            clients[i // per_client]
+                            .channels.get(name)
+                            .subscribe(watches[name].on_message)
+                            for i, name in enumerate(channels)
+                        )
                     )
+            except TimeoutError:
+                attached = sum(
+                    1
+                    for i, name in enumerate(channels)
+                    if getattr(clients[i // per_client].channels.get(name).state, "value", "")
+                    == "attached"
                 )
+                _emit({"ready": False, "error": f"{attached}/{len(channels)} channels attached"})
+                continue
             _emit({"ready": True})
             deadline = time.monotonic() + command["timeout_s"]
             while time.monotonic() < deadline:
@@ -256,6 +354,157 @@ class ProxyControl:
         await self.http.close()
 
 
+# --- the worker under test ------------------------------------------------------------------
+
+
+class WorkerUnderTest(Protocol):
+    """The worker for one N, wherever it runs: its CPU and memory, read while it works."""
+
+    async def start(self) -> None: ...
+    def failure(self) -> str | None: ...
+    def refresh(self) -> None: ...
+    def cpu_s(self) -> dict[int, float]: ...
+    def rss_kb(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+class InProcessWorker:
+    """`worker.app.serve` on this event loop: its CPU and memory are this process's (with
+    this script's own bookkeeping: the queue client, the proxy's stats, the reports)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.settings = load_settings(Settings, **values)
+        self.stopping = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(serve(self.settings, self.stopping, handle_signals=False))
+
+    def failure(self) -> str | None:
+        if self.task is None or not self.task.done():
+            return None
+        if self.task.cancelled():
+            return "the worker was cancelled"
+        exc = self.task.exception()
+        return f"the worker stopped: {exc!r}" if exc else "the worker stopped"
+
+    def refresh(self) -> None:
+        pass
+
+    def cpu_s(self) -> dict[int, float]:
+        return {os.getpid(): time.process_time()}
+
+    def rss_kb(self) -> int:
+        return rss_kb(os.getpid())
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, STOP_TIMEOUT_S)
+
+
+class WorkerProcesses:
+    """`python -m worker run` as real processes: one under the supervisor with
+    `WORKER_PROCESSES=P`, or P of them with `WORKER_PROCESSES=1` each. Their CPU and
+    memory are the sums over each process's tree (its children too), from /proc."""
+
+    def __init__(self, values: dict[str, Any], processes: int, supervisor: bool, log: Any):
+        self.values = values
+        self.processes = processes
+        self.supervisor = supervisor
+        self.log = log
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.pids: list[int] = []
+
+    def env(self, worker_id: str, processes: int) -> dict[str, str]:
+        env = {**os.environ, **{key.upper(): str(v) for key, v in self.values.items()}}
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        env.update(WORKER_ID=worker_id, WORKER_PROCESSES=str(processes), PYTHONPATH=path)
+        return env
+
+    async def start(self) -> None:
+        worker_id = str(self.values["worker_id"])
+        launches = (
+            [(worker_id, self.processes)]  # the supervisor runs the P processes
+            if self.supervisor
+            else [(f"{worker_id}-{i}", 1) for i in range(self.processes)]
+        )
+        for name, processes in launches:
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "worker", "run", env=self.env(name, processes),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                    **server_process_options(),
+                )
+            )  # fmt: skip
+        self.refresh()
+
+    def failure(self) -> str | None:
+        for proc in self.procs:
+            if proc.returncode is not None:
+                return f"worker process {proc.pid} exited with status {proc.returncode}"
+        return None
+
+    def refresh(self) -> None:
+        self.pids = sorted({pid for proc in self.procs for pid in process_tree(proc.pid)})
+
+    def cpu_s(self) -> dict[int, float]:
+        return {pid: process_cpu_s(pid) for pid in self.pids}
+
+    def rss_kb(self) -> int:
+        return sum(rss_kb(pid) for pid in self.pids)
+
+    async def stop(self) -> None:
+        if not self.procs:
+            return
+        self.refresh()
+        tree = set(self.pids) - {proc.pid for proc in self.procs}
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.procs)), STOP_TIMEOUT_S)
+        except TimeoutError:
+            for proc in self.procs:
+                if proc.returncode is None:
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in self.procs))
+        # A supervisor's children go with it; any left after 5 s are killed (by pid).
+        for _ in range(50):
+            if not (left := alive(tree)):
+                break
+            await asyncio.sleep(0.1)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class PeakSampler:
+    """The highest value of `read()` while it runs, sampled every MEMORY_SAMPLE_S."""
+
+    def __init__(self, read: Any) -> None:
+        self.read = read
+        self.peak = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.read())
+            await asyncio.sleep(MEMORY_SAMPLE_S)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> int:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.peak = max(self.peak, self.read())
+        return self.peak
+
+
 # --- one N ---------------------------------------------------------------------------------
 
 
@@ -265,8 +514,7 @@ class Services:
     ably: LocalAbly
     proxy: ProxyControl
     model_base_url: str
-    pids: dict[str, int]
-    child: JsonChild
+    pids: dict[str, list[int]]  # by role: sockudo, proxy, model, redis
 
 
 @dataclass
@@ -282,14 +530,55 @@ class RoundResult:
     ttft_parts_ms: dict[str, list[float]]
     fragment_gaps_ms: list[float]
     fragments: int
+    tokens: int  # the model's tokens in the round's answers
     ok: int
+    retried: int  # jobs with more than one attempt: the worker failed them once
     completed: int
     cpu: dict[str, float]
+    subscriber_busiest_s: float  # CPU seconds of the busiest subscriber process
+    worker_busiest_s: float  # CPU seconds of the busiest worker process
+    rss_peak_kb: int  # the worker's highest resident memory while the round ran
     connections_open: int
     connections_publishing: int
     peak_per_connection: int
     refused: int
     problems: list[str]
+
+
+@dataclass
+class NRun:
+    """One N: the worker's idle figures, then its rounds."""
+
+    idle_cpu: float  # share of a core
+    idle_rss_kb: int
+    subscriber_processes: int
+    rounds: list[RoundResult]
+    settle_s: float  # how long the fresh worker took to settle after its warm-up
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def worker_errors(log: Any, limit: int = 5) -> dict[str, int]:
+    """The worker's `job.error` lines in its log, counted by error (the commonest first)."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(Exception):
+        log.flush()
+        log.seek(0)
+        for line in log:
+            if "job.error" not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("event") == "job.error":
+                    error = str(entry.get("error", "?"))[:160]
+                    counts[error] = counts.get(error, 0) + 1
+        log.seek(0, os.SEEK_END)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
 
 
 def model_seconds(prompt: str, tokens: int, tps: float, first_token_ms: float) -> float:
@@ -300,8 +589,28 @@ def model_seconds(prompt: str, tokens: int, tps: float, first_token_ms: float) -
 
 
 def concurrency(n: int, args: argparse.Namespace) -> int:
-    """WORKER_CONCURRENCY for N answers: --concurrency, else the default or N if larger."""
-    return int(args.concurrency or max(n, Settings.model_fields["worker_concurrency"].default))
+    """WORKER_CONCURRENCY (per process) for N answers: --concurrency, else in-process the
+    default or N if larger, with P processes ceil(N / P): all N answers run at once."""
+    if args.concurrency:
+        return int(args.concurrency)
+    if args.processes:
+        return math.ceil(n / args.processes)
+    return max(n, int(Settings.model_fields["worker_concurrency"].default))
+
+
+def subscriber_processes(n: int, args: argparse.Namespace) -> int:
+    return int(args.subscriber_processes or math.ceil(n / SUBSCRIBERS_PER_PROCESS))
+
+
+def launch_mode(args: argparse.Namespace) -> str:
+    """in-process, supervisor (one `worker run`, WORKER_PROCESSES=P) or separate."""
+    if not args.processes:
+        return "in-process"
+    if args.processes == 1 and args.launch != "supervisor":
+        return "one process"
+    if args.launch == "auto":
+        return "supervisor" if supervisor_available() else "separate"
+    return str(args.launch)
 
 
 class Bench:
@@ -310,7 +619,8 @@ class Bench:
         self.args = args
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
 
-    def settings(self, n: int) -> Settings:
+    def values(self, n: int) -> dict[str, Any]:
+        """The worker's settings for N (as Settings fields; upper-cased, its environment)."""
         a = self.args
         values: dict[str, Any] = {
             "redis_url": self.s.redis.url,
@@ -333,15 +643,26 @@ class Bench:
             values["streams_per_connection"] = a.streams_per_connection
         if a.messages_per_second:
             values["ably_messages_per_second"] = a.messages_per_second
-        return load_settings(Settings, **values)
+        return values
+
+    def worker(self, n: int, log: Any) -> WorkerUnderTest:
+        mode = launch_mode(self.args)
+        if mode == "in-process":
+            return InProcessWorker(self.values(n))
+        return WorkerProcesses(self.values(n), self.args.processes, mode == "supervisor", log)
 
     def queue(self) -> RedisStreamsQueue:
         return RedisStreamsQueue(connect_redis(self.s.redis.url), prefix=self.prefix, consumer="b")
 
     async def wait_final(
-        self, queue: RedisStreamsQueue, job_ids: Iterable[str], timeout: float
+        self,
+        queue: RedisStreamsQueue,
+        job_ids: Iterable[str],
+        timeout: float,
+        worker: WorkerUnderTest | None = None,
     ) -> dict[str, dict[str, str]]:
-        """Each job's record once its state is final (or as it is at the timeout)."""
+        """Each job's record once its state is final (or as it is at the timeout, or when
+        the worker has stopped)."""
         records: dict[str, dict[str, str]] = {}
         deadline = time.monotonic() + timeout
         pending = list(job_ids)
@@ -352,70 +673,156 @@ class Bench:
                     pending.remove(job_id)
             if not pending or time.monotonic() > deadline:
                 break
+            if worker is not None and (failure := worker.failure()):
+                raise RuntimeError(failure)
             await asyncio.sleep(0.05)
         return records
 
-    async def warm_up(self, queue: RedisStreamsQueue) -> None:
-        """One short, fast job: the worker is connected and its code paths are warm."""
-        meta = {"local_tokens": "20", "local_tokens_per_second": "0", "local_first_token_ms": "0"}
-        job = Job(channel=f"bench:warm-{uuid.uuid4().hex[:8]}", input="warm up", metadata=meta)
-        assert await queue.enqueue(job)
-        records = await self.wait_final(queue, [job.id], START_TIMEOUT_S)
-        if records[job.id].get("state") != "completed":
-            raise RuntimeError(f"the worker did not complete a warm-up job: {records}")
+    async def until_ready(self, queue: RedisStreamsQueue, worker: WorkerUnderTest) -> None:
+        """Worker processes: until each has said it is alive (its heartbeat in Redis)."""
+        if not self.args.processes:
+            return
+        deadline = time.monotonic() + 2 * START_TIMEOUT_S
+        while len(await queue.live_workers()) < self.args.processes:
+            if failure := worker.failure():
+                raise RuntimeError(failure)
+            if time.monotonic() > deadline:
+                live = len(await queue.live_workers())
+                raise RuntimeError(
+                    f"{live} of {self.args.processes} worker processes alive after "
+                    f"{2 * START_TIMEOUT_S:.0f} s"
+                )
+            await asyncio.sleep(0.1)
 
-    async def run_n(self, n: int, rounds: int) -> tuple[float, list[RoundResult]]:
-        """Start a worker for N, warm it up, measure its idle CPU (share of a core), then
-        run the rounds; the worker is stopped (drained) at the end."""
-        stop = asyncio.Event()
-        task = asyncio.create_task(serve(self.settings(n), stop, handle_signals=False))
+    async def warm_up(self, queue: RedisStreamsQueue, worker: WorkerUnderTest) -> None:
+        """Short, fast jobs (two per process): the worker is connected and its code paths
+        are warm."""
+        meta = {"local_tokens": "20", "local_tokens_per_second": "0", "local_first_token_ms": "0"}
+        jobs = [
+            Job(channel=f"bench:warm-{uuid.uuid4().hex[:8]}", input="warm up", metadata=meta)
+            for _ in range(2 * self.args.processes or 1)
+        ]
+        for job in jobs:
+            assert await queue.enqueue(job)
+        records = await self.wait_final(queue, [j.id for j in jobs], START_TIMEOUT_S, worker)
+        if failure := worker.failure():
+            raise RuntimeError(f"{failure} during the warm-up")
+        states = [records[j.id].get("state") for j in jobs]
+        if states.count("completed") < len(jobs):
+            raise RuntimeError(f"the worker did not complete its warm-up jobs: {states}")
+
+    async def settle(self, worker: WorkerUnderTest) -> float:
+        """Wait until the fresh worker's CPU has settled (below 5 % of a core, or no longer
+        falling: within 3 points of the previous second's), at most --settle-seconds: a
+        worker with many connections is busy for seconds after its start. Returns the wait."""
+        started = time.monotonic()
+        previous = None
+        while time.monotonic() - started < self.args.settle_seconds:
+            cpu, at = sum(worker.cpu_s().values()), time.monotonic()
+            await asyncio.sleep(SETTLE_WINDOW_S)
+            share = (sum(worker.cpu_s().values()) - cpu) / (time.monotonic() - at)
+            if share < 0.05 or (previous is not None and abs(share - previous) < 0.03):
+                break
+            previous = share
+        return round(time.monotonic() - started, 1)
+
+    async def run_n(self, n: int, rounds: int, log: Any) -> NRun:
+        """Start a worker for N, warm it up, measure its idle CPU (share of a core) and
+        memory, then run the rounds; the worker is stopped (drained) at the end. Each N has
+        a queue prefix of its own: a fresh worker would otherwise take over, as sessions,
+        the channels of every earlier N's jobs (their attach and history reads)."""
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
+        worker = self.worker(n, log)
         queue = self.queue()
+        spec = {
+            "key": self.s.ably.key,
+            "endpoint": self.s.ably.endpoint,
+            "channels_per_connection": self.args.channels_per_connection,
+        }
+        subscribers: list[JsonChild] = []
         try:
             await queue.ensure_group()
-            warm = asyncio.create_task(self.warm_up(queue))
-            done, _ = await asyncio.wait({task, warm}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                warm.cancel()
-                task.result()  # raises what stopped the worker
-                raise RuntimeError("the worker stopped during the warm-up")
-            warm.result()
-            idle_start = Meter.take({})
+            await worker.start()
+            await self.until_ready(queue, worker)
+            await self.warm_up(queue, worker)
+            worker.refresh()
+            settle_s = await self.settle(worker)
+            idle_start = Meter.take(worker.cpu_s(), {})
             await asyncio.sleep(self.args.idle_seconds)
-            idle_end = Meter.take({})
+            idle_end = Meter.take(worker.cpu_s(), {})
+            idle_rss = worker.rss_kb()
             idle_wall = idle_end.wall - idle_start.wall
             idle = (idle_end.worker - idle_start.worker) / idle_wall if idle_wall > 0.1 else 0.0
-            return idle, [await self.one_round(queue, n, r) for r in range(rounds)]
+            for i in range(subscriber_processes(n, self.args)):
+                subscribers.append(
+                    await JsonChild.start(
+                        SCRIPT, spec, f"subscriber process {i}", limit=REPORT_LIMIT_BYTES,
+                        **server_process_options(),
+                    )
+                )  # fmt: skip
+            results = []
+            for r in range(rounds):
+                if failure := worker.failure():
+                    raise RuntimeError(failure)
+                results.append(await self.one_round(queue, n, r, worker, subscribers))
+            return NRun(idle, idle_rss, len(subscribers), results, settle_s)
         finally:
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
+            await asyncio.gather(*(c.stop(15) for c in subscribers), return_exceptions=True)
+            await worker.stop()
             await queue.redis.aclose()
 
-    async def one_round(self, queue: RedisStreamsQueue, n: int, index: int) -> RoundResult:
+    async def one_round(
+        self,
+        queue: RedisStreamsQueue,
+        n: int,
+        index: int,
+        worker: WorkerUnderTest,
+        subscribers: list[JsonChild],
+    ) -> RoundResult:
         a = self.args
         tag = uuid.uuid4().hex[:8]
         jobs = [
             Job(channel=f"bench:{tag}-{i}", input=f"bench {n}x{index} {i} {tag}") for i in range(n)
         ]
         expected = {job.channel: answer_text(str(job.input), a.tokens) for job in jobs}
+        tokens = sum(len(answer_tokens(str(job.input), a.tokens)) for job in jobs)
         model_s = max(
             model_seconds(str(j.input), a.tokens, a.tokens_per_second, a.first_token_ms)
             for j in jobs
         )
         timeout_s = model_s + ROUND_GRACE_S
-        await self.s.child.send(
-            json.dumps({"channels": [j.channel for j in jobs], "timeout_s": timeout_s})
-        )
-        await self.s.child.read(START_TIMEOUT_S)  # attached
+        groups = [[j.channel for j in jobs[i :: len(subscribers)]] for i in range(len(subscribers))]
+        ready_timeout_s = START_TIMEOUT_S + max(len(g) for g in groups) / 10
+        for child, group in zip(subscribers, groups, strict=True):
+            command = {
+                "channels": group,
+                "timeout_s": timeout_s,
+                "ready_timeout_s": ready_timeout_s,
+            }
+            await child.send(json.dumps(command))
+        readies = await asyncio.gather(*(c.read(ready_timeout_s + 10) for c in subscribers))
+        if not_ready := [r.get("error", "?") for r in readies if not r.get("ready")]:
+            raise RuntimeError(f"subscribers not attached in {ready_timeout_s:.0f} s: {not_ready}")
         await self.s.proxy.reset()
-        start = Meter.take(self.s.pids)
-        enqueued: dict[str, float] = {}
-        for job in jobs:
-            enqueued[job.channel] = time.monotonic()
-            assert await queue.enqueue(job)
-        report = await self.s.child.read(timeout_s + 10)
-        records = await self.wait_final(queue, [j.id for j in jobs], 10)
-        end = Meter.take(self.s.pids)
+        worker.refresh()
+        pids = {**self.s.pids, "subscribers": [c.proc.pid for c in subscribers]}
+        if a.processes:
+            pids["bench"] = [os.getpid()]
+        memory = PeakSampler(worker.rss_kb)
+        start = Meter.take(worker.cpu_s(), pids)
+        memory.start()
+        try:
+            enqueued: dict[str, float] = {}
+            for job in jobs:
+                enqueued[job.channel] = time.monotonic()
+                assert await queue.enqueue(job)
+            report: dict[str, Any] = {"channels": {}}
+            for part in await asyncio.gather(*(c.read(timeout_s + 10) for c in subscribers)):
+                report["channels"].update(part["channels"])
+            records = await self.wait_final(queue, [j.id for j in jobs], 10, worker)
+            end = Meter.take(worker.cpu_s(), pids)
+        finally:
+            rss_peak = await memory.stop()
         stats = await self.s.proxy.stats()
 
         problems: list[str] = []
@@ -447,6 +854,9 @@ class Bench:
         completed = states.count("completed")
         if completed < n:
             problems.append(f"job states: {sorted(states)}")
+        retried = sum(1 for record in records.values() if _int(record.get("attempts")) > 1)
+        if retried:
+            problems.append(f"{retried} job(s) ran more than once (the worker's errors)")
         connections = stats["connections"].values()
         publishing = [c for c in connections if c["total"]["messages"] > 0]
         cpu = cpu_shares(start, end)
@@ -458,9 +868,14 @@ class Bench:
             ttft_parts_ms=parts,
             fragment_gaps_ms=gaps,
             fragments=fragments,
+            tokens=tokens,
             ok=ok,
+            retried=retried,
             completed=completed,
             cpu={**cpu, "wall": end.wall - start.wall},
+            subscriber_busiest_s=busiest(start, end, pids["subscribers"]),
+            worker_busiest_s=busiest_worker(start, end),
+            rss_peak_kb=rss_peak,
             connections_open=sum(1 for c in connections if c["open"]),
             connections_publishing=len(publishing),
             peak_per_connection=max((c["total"]["peak_counted_per_s"] for c in publishing),
@@ -473,10 +888,9 @@ class Bench:
 # --- report --------------------------------------------------------------------------------
 
 
-def summarise(
-    n: int, idle: float, rounds: list[RoundResult], first_token_ms: float
-) -> dict[str, Any]:
-    """One row: every round of one N together; `idle`: the worker's CPU share when idle."""
+def summarise(n: int, run: NRun, first_token_ms: float) -> dict[str, Any]:
+    """One row: every round of one N together, with the worker's idle CPU and memory."""
+    rounds, idle = run.rounds, run.idle_cpu
     ttft = [t for r in rounds for t in r.ttft_ms]
     over = [t - first_token_ms for t in ttft]
     gaps = [g for r in rounds for g in r.fragment_gaps_ms]
@@ -485,6 +899,9 @@ def summarise(
     cpu_wall = sum(r.cpu["wall"] for r in rounds)
     cpu = {role: sum(r.cpu[role] for r in rounds) for role in rounds[0].cpu if role != "wall"}
     answers = n * len(rounds)
+    tokens = sum(r.tokens for r in rounds)
+    net_cpu = max(0.0, cpu["worker"] - idle * cpu_wall)
+    rss_peak = max(r.rss_peak_kb for r in rounds)
     return {
         "n": n,
         "rounds": len(rounds),
@@ -502,28 +919,46 @@ def summarise(
         "wall_over_model": round(statistics.median(ratios), 3),
         "ok": sum(r.ok for r in rounds),
         "completed": sum(r.completed for r in rounds),
+        "retried": sum(r.retried for r in rounds),
         "refused": sum(r.refused for r in rounds),
         "connections_open": max(r.connections_open for r in rounds),
         "connections_publishing": max(r.connections_publishing for r in rounds),
         "peak_counted_per_s_per_connection": max(r.peak_per_connection for r in rounds),
+        "tokens": tokens,
         "worker_cpu_ms_per_answer": round(cpu["worker"] / answers * 1000, 1),
         "worker_idle_pct_of_core": round(100 * idle, 1),
-        "worker_cpu_ms_per_answer_net": round(
-            max(0.0, cpu["worker"] - idle * cpu_wall) / answers * 1000, 1
-        ),
+        "worker_settle_s": run.settle_s,
+        "worker_cpu_ms_per_answer_net": round(net_cpu / answers * 1000, 1),
+        "worker_cpu_us_per_token": round(cpu["worker"] / tokens * 1e6, 1) if tokens else None,
+        "worker_cpu_us_per_token_net": round(net_cpu / tokens * 1e6, 1) if tokens else None,
+        "worker_rss_mb": {
+            "idle": round(run.idle_rss_kb / 1024, 1),
+            "peak": round(rss_peak / 1024, 1),
+        },
+        "memory_kb_per_answer": round((rss_peak - run.idle_rss_kb) / n, 1),
         "cpu_pct_of_core": {role: round(100 * s / cpu_wall, 1) for role, s in cpu.items()},
+        "subscriber_processes": run.subscriber_processes,
+        "subscriber_busiest_pct_of_core": round(
+            100 * sum(r.subscriber_busiest_s for r in rounds) / cpu_wall, 1
+        ),
+        "worker_busiest_pct_of_core": round(
+            100 * sum(r.worker_busiest_s for r in rounds) / cpu_wall, 1
+        ),
         "problems": [p for r in rounds for p in r.problems],
     }
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> None:
     """Each row's figures against the N=1 row (the first row if there is no N=1)."""
-    base = next((r for r in rows if r["n"] == 1), rows[0])
+    measured = [r for r in rows if "error" not in r]
+    if not measured:
+        return
+    base = next((r for r in measured if r["n"] == 1), measured[0])
 
     def ratio(value: float | None, reference: float | None) -> float | None:
         return None if value is None or not reference else round(value / reference, 2)
 
-    for row in rows:
+    for row in measured:
         row["vs_n1"] = {
             "ttft_p50": ratio(row["ttft_ms"]["p50"], base["ttft_ms"]["p50"]),
             "overhead_p50": ratio(row["overhead_ms"]["p50"], base["overhead_ms"]["p50"]),
@@ -552,36 +987,44 @@ def _x(value: float | None) -> str:
 
 def print_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(
-        f"\nworker in-process; Sockudo {meta['sockudo']}, ably-python {meta['ably']}, "
+        f"\nworker: {meta['worker']}; Sockudo {meta['sockudo']}, ably-python {meta['ably']}, "
         f"{meta['cpus']} CPUs, load average at start {meta['loadavg']}\n"
         f"model: {meta['tokens']} tokens at {meta['tokens_per_second']:g}/s, first token "
         f"{meta['first_token_ms']:g} ms; streams per connection "
         f"{meta['streams_per_connection']}, budget {meta['messages_per_second']:g} msgs/s "
         "per connection\n"
     )
+    good = [r for r in rows if "error" not in r]
     head = (
-        f"{'N':>3} {'conc':>4} {'rnd':>3} {'conns':>5} {'ttft ms':>9} {'over ms':>9} "
+        f"{'N':>3} {'conc':>4} {'rnd':>3} {'conns':>7} {'ttft ms':>9} {'over ms':>9} "
         f"{'gap ms':>9} {'frag':>5} {'wall s':>6} {'model':>5} {'w/m':>5} {'peak/s':>6} "
-        f"{'refu':>4} {'ok':>7} {'cpu ms':>6} {'net':>5} {'wrk%':>4} {'idle%':>5}"
+        f"{'refu':>4} {'ok':>7} {'cpu ms':>6} {'net':>5} {'us/tok':>6} {'wrk%':>4} "
+        f"{'idle%':>5} {'KB/ans':>6}"
     )
     print(head)
     for r in rows:
+        if "error" in r:
+            print(f"{r['n']:>3} failed: {r['error']}")
+            continue
+        conns = f"{r['connections_publishing']}/{r['connections_open']}"
         print(
-            f"{r['n']:>3} {r['concurrency']:>4} {r['rounds']:>3} "
-            f"{r['connections_publishing']:>2}/{r['connections_open']:<2} "
+            f"{r['n']:>3} {r['concurrency']:>4} {r['rounds']:>3} {conns:>7} "
             f"{_pq(r['ttft_ms']):>9} {_pq(r['overhead_ms']):>9} {_pq(r['gap_ms']):>9} "
             f"{r['fragments_per_answer']:>5.0f} {r['wall_s']:>6.2f} {r['model_s']:>5.2f} "
             f"{r['wall_over_model']:>5.2f} {r['peak_counted_per_s_per_connection']:>6} "
             f"{r['refused']:>4} {r['ok']:>3}/{r['answers']:<3} "
             f"{r['worker_cpu_ms_per_answer']:>6.0f} {r['worker_cpu_ms_per_answer_net']:>5.0f} "
-            f"{r['cpu_pct_of_core']['worker']:>4.0f} {r['worker_idle_pct_of_core']:>5.1f}"
+            f"{r['worker_cpu_us_per_token'] or 0:>6.0f} {r['cpu_pct_of_core']['worker']:>4.0f} "
+            f"{r['worker_idle_pct_of_core']:>5.1f} {r['memory_kb_per_answer']:>6.0f}"
         )
+    if not good:
+        return
     print("\nagainst N=1 (p50 unless said)")
     print(
         f"{'N':>3} {'ttft':>6} {'over':>6} {'gap':>6} {'gap95':>6} {'w/m':>6} {'cpu/ans':>7} "
         f"{'net':>6}"
     )
-    for r in rows:
+    for r in good:
         v = r["vs_n1"]
         print(
             f"{r['n']:>3} {_x(v['ttft_p50']):>6} {_x(v['overhead_p50']):>6} "
@@ -590,39 +1033,64 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         )
     print("\nwhere the overhead goes (ms, p50/p95; wall clocks, so +-1 ms)")
     print(f"{'N':>3} {'over':>9} {'pickup':>9} {'create+model':>13} {'other':>9}")
-    for r in rows:
+    for r in good:
         parts = r["overhead_parts_ms"]
         print(
             f"{r['n']:>3} {_pq(r['overhead_ms']):>9} {_pq(parts['pickup']):>9} "
             f"{_pq(parts['create_model']):>13} {_pq(parts['other']):>9}"
         )
-    roles = [k for k in rows[0]["cpu_pct_of_core"] if k != "worker"]
-    print("\nCPU while the answers streamed, % of one core")
-    print(f"{'N':>3} " + " ".join(f"{role:>11}" for role in ["worker", *roles]))
-    for r in rows:
-        shares = r["cpu_pct_of_core"]
-        print(f"{r['n']:>3} " + " ".join(f"{shares[k]:>11.0f}" for k in ["worker", *roles]))
     print(
-        "\nconns: worker connections publishing in the round / open (the pool). ttft: enqueue "
-        "to the first text at a live\nsubscriber, p50/p95; over: ttft minus the model's "
-        "first-token delay (the worker's share). gap: between text\nfragments of one answer "
-        "at the subscriber, p50/p95; frag: fragments per answer. wall: first enqueue to the\n"
-        "last answer closed at the subscriber (median over rounds); model: the slowest "
-        "answer's model-only time;\nw/m: their ratio. peak/s: the highest Ably-counted "
-        "messages in one second on one connection (limit 50);\nrefu: publishes the proxy "
-        "refused as Ably would. ok: answers whose text equals answer_text, closed complete.\n"
-        "cpu ms: the worker's CPU per answer (this process: the subscribers, model server and "
-        "proxy run elsewhere);\nnet: the same less what the worker burns when idle (idle%, "
-        "measured before the rounds); wrk%: the\nworker's CPU over the rounds' wall time. "
-        "rest: every other process on the machine.\npickup: enqueue to taken (Redis "
-        "timestamps); create+model: the worker's ttft_ms (the create publish and its ACK,\n"
-        "the model request) less the model's first-token delay; other: the rest (the attach "
-        "that listens for\n`cancel`, the first append's wait for a budget token, delivery "
-        "to the browser)."
+        "\nthe worker's memory (VmRSS, MB), memory per concurrent answer, and how long the "
+        "fresh worker took to settle"
     )
-    for r in rows:
+    print(f"{'N':>3} {'idle':>7} {'peak':>7} {'KB/ans':>7} {'settle s':>8}")
+    for r in good:
+        m = r["worker_rss_mb"]
+        print(
+            f"{r['n']:>3} {m['idle']:>7.1f} {m['peak']:>7.1f} {r['memory_kb_per_answer']:>7.0f} "
+            f"{r['worker_settle_s']:>8.1f}"
+        )
+    roles = [k for k in good[0]["cpu_pct_of_core"] if k != "worker"]
+    print(
+        "\nCPU while the answers streamed, % of one core (sub max: the busiest subscriber process)"
+    )
+    print(
+        f"{'N':>3} "
+        + " ".join(f"{role:>11}" for role in ["worker", *roles])
+        + f" {'sub procs':>9} {'sub max':>7}"
+    )
+    for r in good:
+        shares = r["cpu_pct_of_core"]
+        print(
+            f"{r['n']:>3} "
+            + " ".join(f"{shares[k]:>11.0f}" for k in ["worker", *roles])
+            + f" {r['subscriber_processes']:>9} {r['subscriber_busiest_pct_of_core']:>7.0f}"
+        )
+    print(
+        "\nconc: WORKER_CONCURRENCY per worker process. conns: worker connections publishing in "
+        "the round / open (the pool).\nttft: enqueue to the first text at a live subscriber, "
+        "p50/p95; over: ttft minus the model's first-token delay\n(the worker's share). gap: "
+        "between text fragments of one answer at the subscriber, p50/p95; frag: fragments\n"
+        "per answer. wall: first enqueue to the last answer closed at the subscriber (median "
+        "over rounds); model: the\nslowest answer's model-only time; w/m: their ratio. "
+        "peak/s: the highest Ably-counted messages in one second on\none connection (limit "
+        "50); refu: publishes the proxy refused as Ably would. ok: answers whose text equals\n"
+        "answer_text, closed complete. cpu ms: the worker's CPU per answer; net: the same less "
+        "what the worker burns\nwhen idle (idle%, measured before the rounds); us/tok: the "
+        "worker's CPU per token streamed; wrk%: the worker's\nCPU over the rounds' wall time. "
+        "KB/ans: (the worker's peak VmRSS while the answers streamed - its idle VmRSS) / N.\n"
+        "rest: every other process on the machine. pickup: enqueue to taken (Redis timestamps);"
+        " create+model: the\nworker's ttft_ms (the create publish and its ACK, the model "
+        "request) less the model's first-token delay;\nother: the rest (the attach that "
+        "listens for `cancel`, the first append's wait for a budget token, delivery\nto the "
+        f"browser). The worker's CPU and memory: {meta['worker_cpu']}."
+    )
+    for r in good:
         for problem in r["problems"][:5]:
             print(f"  N={r['n']}: {problem}")
+    for r in rows:
+        for error, count in (r.get("worker_errors") or {}).items():
+            print(f"  N={r['n']}: the worker logged job.error x{count}: {error}")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -632,38 +1100,95 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent answers")
     p.add_argument("--tokens", type=int, default=200, help="answer length in tokens (about)")
-    p.add_argument("--tokens-per-second", type=float, default=60.0, help="the model's pace")
+    p.add_argument("--tokens-per-second", type=float, default=50.0, help="the model's pace")
     p.add_argument("--first-token-ms", type=float, default=200.0, help="the model's first token")
     p.add_argument(
         "--min-samples", type=int, default=8, help="rounds per N: enough for this many answers"
     )
     p.add_argument("--rounds", type=int, default=0, help="rounds per N (0: from --min-samples)")
     p.add_argument(
-        "--concurrency", type=int, default=0, help="WORKER_CONCURRENCY (0: max(N, default 16))"
+        "--processes",
+        type=int,
+        default=0,
+        help="0: the worker in this process; P: `python -m worker run` with P processes",
+    )
+    p.add_argument(
+        "--launch",
+        choices=["auto", "supervisor", "separate"],
+        default="auto",
+        help="P processes: one `worker run` with WORKER_PROCESSES=P (supervisor) or P of them "
+        "(separate); auto: the supervisor if worker/supervisor.py exists",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="WORKER_CONCURRENCY per process (0: in-process max(N, default 16), else ceil(N/P))",
     )
     p.add_argument("--streams-per-connection", type=int, default=0, help="0: the default (4)")
-    p.add_argument("--messages-per-second", type=float, default=0, help="0: the default (45)")
+    p.add_argument("--messages-per-second", type=float, default=0, help="0: the default (44)")
     p.add_argument(
-        "--idle-seconds", type=float, default=1.0, help="the worker's idle CPU, measured per N"
+        "--subscriber-processes",
+        type=int,
+        default=0,
+        help=f"0: one per {SUBSCRIBERS_PER_PROCESS} channels",
+    )
+    p.add_argument(
+        "--channels-per-connection",
+        type=int,
+        default=1,
+        help="channels per subscriber Ably connection (1: one connection per browser)",
+    )
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=30.0,
+        help="at most this long for a fresh worker's CPU to settle before the idle figures",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=2.0,
+        help="the worker's idle CPU and memory, measured per N (after it settled)",
     )
     p.add_argument("--worker-log-level", default="INFO", help="the worker's LOG_LEVEL")
     p.add_argument("--worker-log", default=os.devnull, help="file for the worker's JSON log lines")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.set_defaults(proxy_port=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.processes < 0:
+        p.error("--processes must be 0 or more")
+    return args
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     from importlib.metadata import version
 
     defaults = Settings.model_fields
+    mode = launch_mode(args)
+    worker = {
+        "in-process": "in the bench's process (worker.app.serve)",
+        "one process": "`python -m worker run` with WORKER_PROCESSES=1",
+        "supervisor": f"`python -m worker run` with WORKER_PROCESSES={args.processes}",
+        "separate": f"{args.processes} x `python -m worker run` with WORKER_PROCESSES=1",
+    }[mode]
+    worker_cpu = (
+        "time.process_time and VmRSS of the bench's own process (the worker, with the bench's "
+        "small bookkeeping)"
+        if mode == "in-process"
+        else "the sums over the worker processes and their children, from /proc"
+    )
     return {
         "sockudo": SOCKUDO_VERSION,
         "ably": version("ably"),
         "openai": version("openai"),
+        "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "processes": args.processes,
+        "launch": mode,
+        "worker": worker,
         "tokens": args.tokens,
         "tokens_per_second": args.tokens_per_second,
         "first_token_ms": args.first_token_ms,
@@ -671,14 +1196,39 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         or defaults["streams_per_connection"].default,
         "messages_per_second": args.messages_per_second
         or defaults["ably_messages_per_second"].default,
-        "subscribers": "a child process, one Ably connection per channel",
-        "worker_cpu": "time.process_time of this process (the worker alone)",
+        "subscribers": (
+            f"child processes (one per {SUBSCRIBERS_PER_PROCESS} channels unless "
+            f"--subscriber-processes), {args.channels_per_connection} channel(s) per Ably "
+            "connection"
+        ),
+        "worker_cpu": worker_cpu,
+        "memory": "VmRSS, idle after the warm-up and the peak while the answers stream, "
+        f"sampled every {MEMORY_SAMPLE_S:g} s",
     }
 
 
 def progress(text: str, args: argparse.Namespace, stream: Any) -> None:
-    if not args.json:
-        print(text, file=stream, flush=True)
+    print(text, file=stream, flush=True)  # stderr: with --json too (stdout is the JSON)
+
+
+def n_timeout_s(n: int, rounds: int, args: argparse.Namespace) -> float:
+    """The most one N may take, everything included: a backstop behind each bounded wait."""
+    model_s = args.first_token_ms / 1000 + args.tokens * 1.3 / max(args.tokens_per_second, 1)
+    per_round = model_s + ROUND_GRACE_S + 2 * START_TIMEOUT_S + n / 10 + 30
+    idle = args.settle_seconds + SETTLE_WINDOW_S + args.idle_seconds
+    return 4 * START_TIMEOUT_S + idle + rounds * per_round + STOP_TIMEOUT_S + 30
+
+
+def _last_error(log: Any) -> str:
+    """The last error-level line of the worker's log, for a failed N's row."""
+    with contextlib.suppress(Exception):
+        log.flush()
+        log.seek(0)
+        lines = [line.strip() for line in log.read().splitlines() if line.strip()]
+        errors = [line for line in lines if '"level": "error"' in line or "Error" in line]
+        if errors or lines:
+            return (errors or lines)[-1][:300]
+    return ""
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -712,41 +1262,53 @@ async def amain(args: argparse.Namespace) -> int:
         )  # fmt: skip
         proxy = ProxyControl(f"http://127.0.0.1:{args.proxy_port}")
         stack.push_async_callback(proxy.close)
-        spec = {"key": ably.key, "endpoint": ably.endpoint}
-        child = await JsonChild.start(
-            SCRIPT, spec, "subscriber process", limit=REPORT_LIMIT_BYTES, **server_process_options()
-        )
-        stack.push_async_callback(child.stop, 15)
         assert redis._proc is not None and ably._proc is not None
         pids = {
-            "sockudo": ably._proc.pid,
-            "subscribers": child.proc.pid,
-            "proxy": proxy_pid,
-            "model": model_pid,
-            "redis": redis._proc.pid,
+            "sockudo": [ably._proc.pid],
+            "proxy": [proxy_pid],
+            "model": [model_pid],
+            "redis": [redis._proc.pid],
         }
-        services = Services(redis, ably, proxy, model_url, pids, child)
-        bench = Bench(services, args)
+        bench = Bench(Services(redis, ably, proxy, model_url, pids), args)
         meta = _meta(args)
-        log_file = args.log_stream
         for n in args.n:
             rounds = args.rounds or max(1, math.ceil(args.min_samples / n))
             progress(f"... N={n}: {rounds} round(s)", args, console)
-            # The worker logs to stderr: send its lines to --worker-log meanwhile.
-            sys.stderr = log_file
-            try:
-                idle, results = await bench.run_n(n, rounds)
-            finally:
-                sys.stderr = console
-            row = summarise(n, idle, results, args.first_token_ms)
-            row["concurrency"] = concurrency(n, args)
-            rows.append(row)
+            base = {"n": n, "processes": args.processes, "concurrency": concurrency(n, args)}
+            with tempfile.TemporaryFile("w+") as worker_log:
+                # An in-process worker logs to stderr: its lines go to --worker-log meanwhile.
+                sys.stderr = worker_log
+                try:
+                    async with asyncio.timeout(n_timeout_s(n, rounds, args)):
+                        run = await bench.run_n(n, rounds, worker_log)
+                    rows.append({**base, **summarise(n, run, args.first_token_ms)})
+                    rows[-1]["worker_errors"] = worker_errors(worker_log)
+                except Exception as exc:  # the row says what failed; the next N runs
+                    error = f"{type(exc).__name__}: {exc}"
+                    if last := _last_error(worker_log):
+                        error += f" (worker log: {last})"
+                    rows.append(
+                        {**base, "error": error, "worker_errors": worker_errors(worker_log)}
+                    )
+                finally:
+                    sys.stderr = console
+                    if args.worker_log != os.devnull:
+                        worker_log.flush()
+                        worker_log.seek(0)
+                        args.log_stream.write(worker_log.read())
+            if "error" in rows[-1]:
+                progress(f"    N={n} failed: {rows[-1]['error']}", args, console)
     with_ratios(rows)
     if args.json:
         print(json.dumps({**meta, "rows": rows}, indent=2))
     else:
         print_report(rows, meta)
-    return 0 if all(r["ok"] == r["answers"] and not r["refused"] for r in rows) else 1
+    return 0 if all(passed(r) for r in rows) else 1
+
+
+def passed(row: dict[str, Any]) -> bool:
+    """Every answer exact and complete, nothing refused, the N measured at all."""
+    return "error" not in row and row["ok"] == row["answers"] and not row["refused"]
 
 
 def main() -> int:
