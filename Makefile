@@ -23,6 +23,6 @@ soak: setup
 	$(UV) run python -m tests.chaos_soak --jobs 200
 
 # The benchmarks (bench/README.md): runs them and writes bench/RESULTS.md with PNG plots
-# under bench/plots/ (about 15 minutes on 2 cores; `python bench/report.py --quick` smokes).
+# under bench/plots/ (about 12 minutes on 2 cores; `bench/report.py --quick`: a smoke run).
 bench: setup
 	$(UV) run --group bench python bench/report.py

@@ -20,13 +20,14 @@ Where the worker runs (`--processes`):
   `WORKER_PROCESSES=1` (`--launch` picks); the worker's CPU and memory are then the sums
   over those processes and their children, read from /proc.
 
-For each N a fresh worker starts with the default settings (STREAMS_PER_CONNECTION=4, a
+For each N a fresh worker starts with the default settings (STREAMS_PER_CONNECTION=3, a
 budget of 44 messages/s per connection; WORKER_CONCURRENCY per process the default 16,
 or N when N is larger, in-process; ceil(N / P) with P processes: all N answers run at
-once), warms up with short jobs, idles for `--idle-seconds` (its idle CPU and memory),
-then for one or more rounds enqueues N jobs, each answering on its own channel, while a
-live subscriber per channel (one Ably connection each, as N browsers would have) runs in
-child processes of this script (one up to 160 channels, two above: `--subscriber-processes`).
+once) under a queue prefix of its own, warms up with short jobs, waits until its CPU has
+settled, idles for `--idle-seconds` (its idle CPU and memory), then for one or more
+rounds enqueues N jobs, each answering on its own channel, while a live subscriber per
+channel (one Ably connection each, as N browsers would have) runs in child processes of
+this script (one up to 160 channels, two above: `--subscriber-processes`).
 It reports:
 
 - ttft: from the enqueue to the first non-empty text the subscriber receives (p50/p95);

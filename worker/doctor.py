@@ -347,6 +347,7 @@ async def check_model(settings: Settings) -> Check:
         settings.openai_base_url,
         max_retries=0,
         timeout_s=CHECK_TIMEOUT_S,
+        aiohttp=False,  # a refused connection named as such, not as a timeout
     )
     try:
         page = await client.models.list()

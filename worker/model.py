@@ -77,14 +77,21 @@ _LOST = ("failed", "cancelled")
 
 
 def make_client(
-    api_key: str, base_url: str | None, *, max_retries: int = 3, timeout_s: float = 60.0
+    api_key: str,
+    base_url: str | None,
+    *,
+    max_retries: int = 3,
+    timeout_s: float = 60.0,
+    aiohttp: bool = True,
 ) -> AsyncOpenAI:
-    """The SDK's client over aiohttp (`DefaultAioHttpClient`, the SDK's own supported
+    """The SDK's client, over aiohttp (`DefaultAioHttpClient`, the SDK's own supported
     transport): reading a stream costs about 40 % less CPU per event than over httpx,
-    and every answer reads one. Close it with `await client.close()`."""
+    and every answer reads one. Its error mapping calls a refused connection a timeout,
+    so a one-off check that must say which (`worker doctor`) takes httpx. Close it with
+    `await client.close()`."""
     return AsyncOpenAI(
         api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout_s,
-        http_client=DefaultAioHttpClient(),
+        http_client=DefaultAioHttpClient() if aiohttp else None,
     )  # fmt: skip
 
 

@@ -158,7 +158,8 @@ class Settings(RedisSettings, AblySettings, JobLimitSettings):
     # Ably takes 50 messages/s on one connection: 44/s plus a burst of 5 plus presence
     # updates (at most 1/s, on the first connection) stay inside it.
     ably_messages_per_second: float = Field(default=44.0, gt=0, le=10_000)
-    streams_per_connection: int = Field(default=4, ge=1, le=1000)
+    # Three answers share a connection's 44 messages/s: an append every 68 ms each (4: 91 ms).
+    streams_per_connection: int = Field(default=3, ge=1, le=1000)
     presence_channel: str = Field(default="agents", min_length=1)
     stats_interval_seconds: float = Field(default=30.0, gt=0)  # the `worker.stats` log line
 

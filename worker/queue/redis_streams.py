@@ -19,7 +19,6 @@ expired (`reclaim`), so a slow but live worker keeps its jobs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import random
@@ -28,12 +27,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import NEVER_DECODE
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from worker.jobs import Job, JobError, default_limits, parse_job, valid_channel, valid_job_id
 from worker.logs import get_logger
 from worker.queue.base import Delivery, JobState, QueueStats
-from worker.sessions.keys import OPEN_SESSION_LUA, open_session, sessions_key
+from worker.sessions.keys import OPEN_SESSION_LUA, sessions_key
 
 GROUP = "workers"
 
@@ -144,13 +143,17 @@ return 1
 )
 
 # ARGV[5] final state, ARGV[6] finished_at, ARGV[7..] field, value pairs (the figures).
+# KEYS[3] sessions; ARGV[7] prefix, ARGV[8] the job's channel ('' for none): an answer
+# is activity, so its session stays active (in the same step, no second round trip).
 _COMPLETE = (
-    _OWNED
+    OPEN_SESSION_LUA
+    + _OWNED
     + """
 if not owned() then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[6])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 done_with_entry()
+open_session(KEYS[3], ARGV[7], ARGV[8], ARGV[6])
 return 1
 """
 )
@@ -305,11 +308,6 @@ class RedisStreamsQueue:
         ]
         return bool(await self._enqueue(keys=keys, args=args))
 
-    async def touch_session(self, channel: str, at_ms: int | None = None) -> None:
-        """Mark the channel's session active now (opening it if new): a job on it was
-        taken or finished. Jobs added with a raw XADD open their session here."""
-        await open_session(self.redis, self.prefix, channel, at_ms or now_ms())
-
     # -- consuming --------------------------------------------------------------------
 
     async def take(self, count: int, block_ms: int) -> list[Delivery]:
@@ -458,11 +456,11 @@ class RedisStreamsQueue:
         for name, value in (figures or {}).items():
             if value is not None:
                 pairs += [name, value if isinstance(value, str) else json.dumps(value)]
-        done = await self._fenced(self._complete, delivery, str(state), now_ms(), *pairs)
-        if done and delivery.job is not None:
-            with contextlib.suppress(RedisError):  # an answer is activity; best effort
-                await self.touch_session(delivery.job.channel)
-        return done
+        channel = delivery.job.channel if delivery.job is not None else ""
+        return await self._fenced(
+            self._complete, delivery, str(state), now_ms(), self.prefix, channel, *pairs,
+            keys=(sessions_key(self.prefix),),
+        )  # fmt: skip
 
     async def retry(self, delivery: Delivery, error: str) -> bool:
         """Schedule the next attempt after a backoff (the runner decided it is not the last)."""

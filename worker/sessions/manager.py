@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from worker.sessions.store import SessionStore, now_ms
 from worker.transport.pool import ConnectionPool
 
 log = get_logger("worker.session")
+
+TAKE_AT_ONCE = 16  # sessions started side by side
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class SessionManager:
         self.options = options
         self.agent_ids = agent_ids
         self.sessions: dict[str, Session] = {}
+        self._turns = itertools.count()  # round robin over the pool's connections
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve sessions until `stop`; then release them all (others take over at once)."""
@@ -82,9 +86,25 @@ class SessionManager:
             log.info("session.idle", channel=channel)
             await self._drop(channel, release=True)
             await self.store.forget(channel)
-        for channel in sorted(wanted - set(self.sessions)):
-            if await self.store.acquire(channel):
-                await self._take(channel)
+        await self._take_all(sorted(wanted - set(self.sessions)))
+
+    async def _take_all(self, channels: list[str]) -> None:
+        """Take the sessions nobody holds, a few side by side: each is an attach and a
+        catch-up (about 0.1 s), and a fresh process may find thousands waiting."""
+        gate = asyncio.Semaphore(TAKE_AT_ONCE)
+
+        async def take(channel: str) -> None:
+            async with gate:
+                if await self.store.acquire(channel):
+                    await self._take(channel)
+
+        failures = [
+            outcome
+            for outcome in await asyncio.gather(*map(take, channels), return_exceptions=True)
+            if isinstance(outcome, Exception)
+        ]
+        if failures:
+            raise failures[0]  # Redis away: the next tick tries again
 
     def client_of(self, channel: str) -> Any:
         """The connection the channel's session listens on, or None."""
@@ -96,7 +116,7 @@ class SessionManager:
         # own appends back (`echo: false`), so the session is spared them.
         client = (
             self.pool.client_streaming(channel)
-            or self.pool.clients[len(self.sessions) % len(self.pool.clients)]
+            or self.pool.clients[next(self._turns) % len(self.pool.clients)]
         )
         session = Session(channel, client, self.store, self.queue, self.options.session,
                           self.agent_ids)  # fmt: skip
