@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ from worker.transport.pool import ConnectionPool
 log = get_logger("worker")
 
 ABLY_CONNECT_TIMEOUT_S = 30.0
+GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
 
 
 class StartupError(RuntimeError):
@@ -81,6 +83,7 @@ def make_ably(settings: Settings) -> Any:
         settings.ably_api_key.get_secret_value(),
         settings.ably_endpoint,
         client_id=settings.worker_id,
+        auto_connect=False,  # the pool dials them a wave at a time
         # No echo: a connection that listens for `cancel` on a channel it streams into
         # need not receive its own appends back.
         transport_params={"appendRollupWindow": settings.append_rollup_window_ms, "echo": False},
@@ -204,6 +207,7 @@ async def serve(
             background=settings.model_background,
         )
         await pool.wait_connected(wait_connected)
+        tune_gc()
         runner = JobRunner(
             queue, model, timeout_s=settings.job_timeout_seconds,
             wire_protocol=settings.wire_protocol,
@@ -237,6 +241,16 @@ async def serve(
         closing = asyncio.gather(*closings, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(closing, ShutdownBudget().step_s)
+
+
+def tune_gc() -> None:
+    """Keep the garbage collector's pauses off the streams. Everything made at the start
+    (modules, clients, connections) lives for good: frozen, the full collections never
+    walk it again. And young collections come less often: answers make many short-lived
+    objects that reference counting frees anyway."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _exit_if_overrun(stop: asyncio.Event, budget: ShutdownBudget, armed: bool) -> None:

@@ -58,6 +58,7 @@ class Budget:
 BURST = 5.0
 RECOVERY_FAILED = 80008  # Ably: "unable to recover connection"
 RETIRE_AFTER_S = 20.0  # a replaced client's answers have moved on (or timed out) by then
+CONNECT_WAVE = 16  # connections dialled together when the pool starts
 
 
 @dataclass
@@ -98,6 +99,7 @@ class ConnectionPool:
         size = max(1, math.ceil(concurrency / max(1, streams_per_connection)))
         self.streams_per_connection = max(1, streams_per_connection)
         self.make_client = make_client
+        self._started = False  # wait_connected has run: replacements connect at once
         self.clients = [self._new_client(slot) for slot in range(size)]
         self.on_recycle: list[Callable[[int], None]] = []  # told the slot of a new client
         self._retiring: set[asyncio.Task[None]] = set()
@@ -164,6 +166,8 @@ class ConnectionPool:
     def _new_client(self, slot: int) -> Any:
         client = self.make_client()
         connection = getattr(client, "connection", None)
+        if self._started and getattr(connection, "state", None) == "initialized":
+            client.connect()  # a replacement, once the pool is up: at once
         if connection is not None:
 
             def on_state(change: Any) -> None:
@@ -208,4 +212,13 @@ class ConnectionPool:
             await client.close()
 
     async def wait_connected(self, wait_one: Callable[[Any], Any]) -> None:
-        await asyncio.gather(*(wait_one(client) for client in self.clients))
+        """Connect the clients not connecting yet (made with `auto_connect=False`), a wave
+        at a time, and wait for each (`wait_one`). Hundreds dialled at once (token
+        request, WebSocket, TLS) starve each other into Ably's request timeout."""
+        self._started = True
+        for start in range(0, len(self.clients), CONNECT_WAVE):
+            wave = self.clients[start : start + CONNECT_WAVE]
+            for client in wave:
+                if getattr(client.connection, "state", None) == "initialized":
+                    client.connect()
+            await asyncio.gather(*(wait_one(client) for client in wave))
