@@ -106,7 +106,7 @@ from typing import Any
 from ably import AblyException
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
 from json_child import JsonChild
-from worker_streams import ProxyControl, helper_process, percentiles
+from worker_streams import ProxyControl, helper_process, percentiles, run_script
 
 import worker.devstack.ably as local_ably
 from worker.app import make_pool, serve, wait_connected
@@ -117,12 +117,11 @@ from worker.devstack.processes import server_process_options
 from worker.devstack.redis_server import LocalRedis
 from worker.devstack.sockudo_install import SOCKUDO_VERSION
 from worker.jobs import Job, Pattern
-from worker.logs import configure_logging
 from worker.queue import RedisStreamsQueue
 from worker.redis_client import connect_redis
 from worker.settings import Settings, load_settings
 from worker.transport import contract
-from worker.transport.client import quiet_sdk_logs, realtime_client, rest_client
+from worker.transport.client import realtime_client, rest_client
 from worker.transport.contract import Headers, Status
 from worker.transport.pool import ConnectionPool
 from worker.transport.response_stream import ResponseStream
@@ -1003,16 +1002,7 @@ def problems(result: dict[str, Any]) -> list[str]:
 
 
 def main() -> int:
-    args = parse_args()
-    quiet_sdk_logs()
-    if not args.child:
-        configure_logging("json", args.worker_log_level)
-        quiet_sdk_logs()
-    try:
-        with open(args.worker_log, "a") as args.log_stream:
-            return asyncio.run(amain(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
+    return run_script(amain, parse_args())
 
 
 if __name__ == "__main__":

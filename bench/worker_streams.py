@@ -75,7 +75,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -1312,8 +1312,9 @@ def passed(row: dict[str, Any]) -> bool:
     return "error" not in row and row["ok"] == row["answers"] and not row["refused"]
 
 
-def main() -> int:
-    args = parse_args()
+def run_script(amain: Callable[[argparse.Namespace], Awaitable[int]], args: Any) -> int:
+    """A bench script's `main` once its arguments are read: the worker's JSON logs go to
+    `--worker-log` (the SDK's INFO lines stay off), then `amain(args)`; 130 on Ctrl-C."""
     quiet_sdk_logs()
     if not args.child:
         configure_logging("json", args.worker_log_level)
@@ -1323,6 +1324,10 @@ def main() -> int:
             return asyncio.run(amain(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+
+
+def main() -> int:
+    return run_script(amain, parse_args())
 
 
 if __name__ == "__main__":
