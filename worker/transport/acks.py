@@ -10,7 +10,7 @@ update, which carries the whole text, repairs what subscribers missed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from worker.logs import get_logger
@@ -49,22 +49,50 @@ async def acked(
         raise AckTimeout(f"no acknowledgement from Ably for {what} in {timeout_s:g} s") from None
 
 
-async def settle(
-    tasks: list[asyncio.Task[Any]],
-    timeout_s: float = ACK_TIMEOUT_S,
-    on_timeout: Callable[[], None] = _nothing,
-) -> list[BaseException]:
-    """Wait for un-awaited sends; returns their failures, an unanswered one as AckTimeout."""
-    if not tasks:
-        return []
-    done, late = await asyncio.wait(tasks, timeout=timeout_s)
-    for task in late:
-        task.cancel()
-    if late:
-        on_timeout()
-    failures: list[BaseException] = [AckTimeout("append not acknowledged") for _ in late]
-    failures.extend(e for t in done if not t.cancelled() and (e := t.exception()) is not None)
-    return failures
+class InFlight:
+    """Un-awaited sends. Each is forgotten once done, keeping only its failure: an answer
+    of a few hundred appends would otherwise hold every finished task (and its result)
+    until it closes."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._failures: list[BaseException] = []
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, send: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(send)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._failures.append(error)
+
+    async def settle(
+        self, timeout_s: float = ACK_TIMEOUT_S, on_timeout: Callable[[], None] = _nothing
+    ) -> list[BaseException]:
+        """Wait for the sends in flight; returns the failures since the last settle, an
+        unanswered send as AckTimeout (and cancelled)."""
+        if self._tasks:
+            # Each task's `_done` runs before `wait` returns: its failure is recorded.
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                on_timeout()
+            self._failures.extend(AckTimeout("append not acknowledged") for _ in late)
+        failures, self._failures = self._failures, []
+        return failures
+
+    def cancel(self) -> None:
+        """Cancel every send in flight (their failures are not wanted)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
 
 
 def is_rate_limited(error: BaseException) -> bool:

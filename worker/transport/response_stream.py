@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from ably import AblyException
 
 from worker.transport import contract, lookup
-from worker.transport.acks import acked, settle, unless_rate_limited
+from worker.transport.acks import InFlight, acked, unless_rate_limited
 from worker.transport.contract import Headers, Status
 from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
@@ -69,7 +69,7 @@ class ResponseStream:
         self._buffer = ""
         self._last_send = -float("inf")
         self._timer: asyncio.TimerHandle | None = None
-        self._pending: list[asyncio.Task[Any]] = []
+        self._in_flight = InFlight()
         self._restart()
 
     def _restart(self) -> None:
@@ -226,8 +226,7 @@ class ResponseStream:
         self._buffer = ""
         self._last_send = asyncio.get_running_loop().time()
         self.appends += 1
-        task = asyncio.create_task(send)
-        self._pending.append(task)
+        task = self._in_flight.add(send)
         self._unacked.append((task, len(self.text)))
         task.add_done_callback(self._on_sent)
 
@@ -249,8 +248,7 @@ class ResponseStream:
         if self._buffer:
             await asyncio.sleep(self.pacer.reserve())
             self._send_buffer()
-        pending, self._pending = self._pending, []
-        return await settle(pending, on_timeout=self.pacer.stalled)
+        return await self._in_flight.settle(on_timeout=self.pacer.stalled)
 
     def abort(self) -> None:
         """Stop at once: drop what is coalescing, cancel the appends in flight."""
@@ -259,9 +257,7 @@ class ResponseStream:
             self._timer.cancel()
             self._timer = None
         self._buffer = ""
-        for task in self._pending:
-            task.cancel()
-        self._pending = []
+        self._in_flight.cancel()
 
     async def close(self, status: Status, error: str | None = None) -> int:
         """Flush the appends, then mark the end with the full text. Returns failed appends."""

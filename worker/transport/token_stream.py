@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from worker.transport import contract
-from worker.transport.acks import acked, settle, unless_rate_limited
+from worker.transport.acks import InFlight, acked, unless_rate_limited
 from worker.transport.contract import Headers, Status
 from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
 
@@ -37,7 +37,7 @@ class TokenStream:
         self.text = ""
         self.deltas = 0
         self.appends = 0
-        self._pending: list[asyncio.Task[Any]] = []
+        self._in_flight = InFlight()
 
     def _check(self, what: str) -> None:
         if self.aborted or not self.alive():
@@ -72,7 +72,7 @@ class TokenStream:
         self.appends += 1
         message = contract.token(delta, self.headers)
         wait = self.pacer.reserve()  # reservations grow in order, so tokens stay in order
-        self._pending.append(asyncio.create_task(self._publish_after(wait, message)))
+        self._in_flight.add(self._publish_after(wait, message))
 
     async def _publish_after(self, wait: float, message: Any) -> Any:
         if wait > 0:
@@ -82,13 +82,10 @@ class TokenStream:
 
     def abort(self) -> None:
         self.aborted = True
-        for task in self._pending:
-            task.cancel()
-        self._pending = []
+        self._in_flight.cancel()
 
     async def close(self, status: Status, error: str | None = None) -> int:
-        pending, self._pending = self._pending, []
-        failures = await settle(pending, on_timeout=self.pacer.stalled)
+        failures = await self._in_flight.settle(on_timeout=self.pacer.stalled)
         self.headers = self.headers.with_status(status, error)
         await self._paced(contract.token_stop(self.text, self.headers), "the stop message")
         return len(failures)
