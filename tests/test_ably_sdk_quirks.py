@@ -147,3 +147,122 @@ async def test_sdk_still_offers_deflate(
         assert await _negotiated(proxy.endpoint, local_ably.key) == ["PerMessageDeflate"]
     # Sockudo 5.2 itself never agrees to it: on the local stack the quirk changes nothing.
     assert await _negotiated(local_ably.endpoint, local_ably.key) == []
+
+
+# --- the lean append --------------------------------------------------------------------
+
+
+def _headers(ait: bool) -> Any:
+    from worker.transport import contract
+    from worker.transport.ait import AitRun
+
+    run = AitRun(job_id="j1", input_codec_message_id="c1", client_id="u1") if ait else None
+    return contract.Headers(response_id="r1", model="m", metadata={"k": "v"}, ait=run)
+
+
+@pytest.mark.parametrize("ait", [False, True])
+def test_the_lean_append_sends_what_the_sdk_would(ait: bool) -> None:
+    from ably.types.message import Message, MessageAction
+
+    from worker.transport import contract
+
+    headers = _headers(ait)
+    made = contract.response_append("serial-1", "Hello", headers)
+    sdk = Message(  # as `_send_update` copies it, with the append's action
+        name=made.name, data=made.data, serial=made.serial, extras=made.extras,
+        action=MessageAction.MESSAGE_APPEND,
+    )  # fmt: skip
+    for binary in (True, False):
+        assert contract.response_append_wire("serial-1", "Hello", headers) == sdk.as_dict(binary)
+
+
+async def _stream_mixed(
+    local_ably: LocalAbly, channel_name: str
+) -> tuple[list[str], str, list[str]]:
+    """A create, then 30 appends (lean and the SDK's, alternating, un-awaited); returns the
+    fragments a subscriber received, the message's text, and the SDK's send log lines."""
+    from ably.realtime import channel as sdk_channel
+
+    from worker.transport import contract
+
+    sdk_sends: list[str] = []
+    original = sdk_channel.log.info
+
+    headers = _headers(False)
+    publisher = realtime_client(local_ably.key, local_ably.endpoint)
+    subscriber = realtime_client(local_ably.key, local_ably.endpoint)
+    received: list[str] = []
+    all_in = asyncio.Event()
+
+    def on_message(message: Any) -> None:
+        if message.action == 5:  # an append
+            received.append(message.data)
+            if len(received) == 30:
+                all_in.set()
+
+    try:
+        listen = subscriber.channels.get(channel_name)
+        await listen.subscribe(on_message)
+        channel = publisher.channels.get(channel_name)
+        await channel.attach()
+        created = await channel.publish(contract.response_create(headers))
+        serial = created.serials[0]
+        sdk_channel.log.info = lambda line, *a, **k: sdk_sends.append(str(line))  # type: ignore[method-assign]
+        sends = []
+        for i in range(30):
+            if i % 2:
+                message = contract.response_append(serial, f"<{i}>", headers)
+                sends.append(asyncio.ensure_future(channel.append_message(message)))
+            else:
+                wire = contract.response_append_wire(serial, f"<{i}>", headers)
+                sends.append(asyncio.ensure_future(sdk_quirks.append(channel, wire)))
+        results = await asyncio.gather(*sends)
+        assert all(r.version_serial for r in results), "every append acknowledged with its serial"
+        await asyncio.wait_for(all_in.wait(), 10)
+        stored = await channel.get_message(serial)
+        return received, stored.data, [line for line in sdk_sends if "_send_update" in line]
+    finally:
+        sdk_channel.log.info = original  # type: ignore[method-assign]
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_lean_appends_reach_subscribers_in_order_beside_the_sdks(
+    local_ably: LocalAbly,
+) -> None:
+    received, stored, sdk_sends = await _stream_mixed(local_ably, "quirks:lean-append")
+    expected = [f"<{i}>" for i in range(30)]
+    assert received == expected
+    assert stored == "".join(expected)
+    assert len(sdk_sends) == 15, "the lean appends went out without the SDK's send path"
+
+
+async def test_sdk_append_still_formats_its_log_lines_with_logging_off(
+    local_ably: LocalAbly,
+) -> None:
+    """Still needed while the SDK's append builds (and formats log lines for) every send:
+    with its logger at WARNING, `append_message` still calls `log.info` with a string
+    it formatted for the append."""
+    from ably.realtime import channel as sdk_channel
+
+    from worker.transport import contract
+
+    logging.getLogger("ably").setLevel(logging.WARNING)
+    calls: list[str] = []
+    original = sdk_channel.log.info
+
+    def spy(message: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(str(message))
+        original(message, *args, **kwargs)
+
+    client = realtime_client(local_ably.key, local_ably.endpoint)
+    try:
+        channel = client.channels.get("quirks:sdk-append-logs")
+        created = await channel.publish(contract.response_create(_headers(False)))
+        sdk_channel.log.info = spy  # type: ignore[method-assign]
+        serial = created.serials[0]
+        await channel.append_message(contract.response_append(serial, "x", _headers(False)))
+        assert any(serial in line for line in calls), "the SDK no longer formats a line per append"
+    finally:
+        sdk_channel.log.info = original  # type: ignore[method-assign]
+        await client.close()

@@ -27,7 +27,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ably.types.message import Message
+from ably.types.message import Message, MessageAction
 
 from worker.transport import ait
 from worker.transport.ait import OUTPUT, AitRun
@@ -91,6 +91,18 @@ def response_create(headers: Headers) -> Message:
 
 def response_append(serial: str, delta: str, headers: Headers) -> Message:
     return Message(name=headers.name, serial=serial, data=delta, extras=headers.extras())
+
+
+APPEND = int(MessageAction.MESSAGE_APPEND)
+
+
+def response_append_wire(serial: str, delta: str, headers: Headers) -> dict[str, Any]:
+    """`response_append` as ably-python's `append_message` puts it on the wire: for the
+    lean append of the hot path (`sdk_quirks.append`)."""
+    return {
+        "name": headers.name, "extras": headers.extras(), "serial": serial,
+        "action": APPEND, "data": delta,
+    }  # fmt: skip
 
 
 def response_replace(serial: str, text: str, headers: Headers) -> Message:

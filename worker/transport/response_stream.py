@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from ably import AblyException
 
-from worker.transport import contract, lookup
+from worker.transport import contract, lookup, sdk_quirks
 from worker.transport.acks import InFlight, acked, unless_rate_limited
 from worker.transport.contract import Headers, Status
 from worker.transport.publisher import Abandoned, Alive, Pacer, Unpaced, always_alive
@@ -221,8 +221,8 @@ class ResponseStream:
             whole = contract.response_replace(self.serial, self.text, self.headers)
             send = self.channel.update_message(whole)
         else:
-            message = contract.response_append(self.serial, self._buffer, self.headers)
-            send = self.channel.append_message(message)
+            message = contract.response_append_wire(self.serial, self._buffer, self.headers)
+            send = sdk_quirks.append(self.channel, message)
         self._buffer = ""
         self._last_send = asyncio.get_running_loop().time()
         self.appends += 1
