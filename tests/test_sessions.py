@@ -53,6 +53,14 @@ async def conversation(stack: Stack, channel: str) -> tuple[list[Any], list[Any]
     return prompts, answers
 
 
+async def served(stack: Stack, channel: str) -> None:
+    """Until a worker holds the channel's session: from then on every prompt is answered,
+    live or caught up from history (a fixed sleep is too short on a slow machine)."""
+    redis = stack.queue().redis
+    lease_key = f"{stack.prefix}:session:{channel}:lease"
+    await wait_for_async(lambda: redis.get(lease_key), 30, "a session owner")
+
+
 async def wait_answered(stack: Stack, channel: str, count: int, timeout: float = 40) -> None:
     async def answered() -> int:
         _, answers = await conversation(stack, channel)
@@ -94,7 +102,7 @@ async def test_prompts_published_while_no_worker_runs_are_answered_once_in_order
     settings = stack.settings(listen_channels=channel_name)
     first = f"first question {uuid.uuid4().hex[:6]}"
     async with running_worker(settings):
-        await asyncio.sleep(1.0)  # the session is served from now on
+        await served(stack, channel_name)
         await ask(stack, channel_name, first)
         await wait_answered(stack, channel_name, 1)
     # No worker runs: the user goes on asking.
@@ -134,7 +142,7 @@ async def test_prompts_without_an_identified_sender_are_ignored(
 ) -> None:
     settings = stack.settings(listen_channels=channel_name)
     async with running_worker(settings):
-        await asyncio.sleep(1.0)
+        await served(stack, channel_name)
         anonymous = stack.realtime()  # no clientId
         try:
             await anonymous.channels.get(channel_name).publish(Message(name="prompt", data="hi"))
@@ -217,7 +225,7 @@ async def test_a_cancel_published_while_the_worker_is_down_is_found_on_resume(
     job = Job(channel=channel_name, input="cancelled in the dark", user_client_id="alice",
               metadata={"local_tokens": "400", "local_tokens_per_second": "40"})  # fmt: skip
     async with running_worker(stack.settings(listen_channels=channel_name)):
-        await asyncio.sleep(1.0)  # the session is served
+        await served(stack, channel_name)
     await stack.enqueue(job)
     await cancel(stack, channel_name, job.id)
     async with running_worker(stack.settings(listen_channels=channel_name)):
@@ -232,7 +240,7 @@ async def test_a_cancel_from_another_user_is_refused(stack: Stack, channel_name:
     job = Job(channel=channel_name, input=f"alice's {uuid.uuid4().hex[:6]}", user_client_id="alice",
               metadata={"local_tokens": "150", "local_tokens_per_second": "60"})  # fmt: skip
     async with running_worker(stack.settings(listen_channels=channel_name)):
-        await asyncio.sleep(1.0)
+        await served(stack, channel_name)
         await stack.enqueue(job)
         await stack.wait_state(job.id, "running")
         await cancel(stack, channel_name, job.id, client_id="mallory")
@@ -261,7 +269,7 @@ async def test_a_connection_that_cannot_resume_is_caught_up(
         settings = local.settings(listen_channels=channel_name, ably_endpoint=proxy.endpoint)
         with capture_logs() as logs:
             async with running_worker(settings), subscriber(local, channel_name) as live:
-                await asyncio.sleep(1.0)
+                await served(local, channel_name)
                 await ask(local, channel_name, "before the outage")
                 await wait_answered(local, channel_name, 1)
                 proxy.blackhole(12.0)  # new connections are held past the resume window
@@ -338,7 +346,7 @@ async def test_a_follow_up_is_answered_after_the_first_and_sees_the_conversation
         subscriber(stack, channel_name) as live,
         running_worker(stack.settings(listen_channels=channel_name)),
     ):
-        await asyncio.sleep(1.0)
+        await served(stack, channel_name)
         await ask(stack, channel_name, first, second)
         await wait_answered(stack, channel_name, 2)
     prompts, answers = await conversation(stack, channel_name)
@@ -357,7 +365,7 @@ async def test_with_chat_completions_the_follow_up_carries_the_transcript(
     read from the channel (the user's prompts and the agent's complete answers)."""
     first, second = (f"{word} {uuid.uuid4().hex[:6]}" for word in ("chat question", "chat again"))
     async with running_worker(stack.settings(listen_channels=channel_name, openai_api="chat")):
-        await asyncio.sleep(1.0)
+        await served(stack, channel_name)
         await ask(stack, channel_name, first, second)
         await wait_answered(stack, channel_name, 2)
     prompts, answers = await conversation(stack, channel_name)
@@ -366,3 +374,22 @@ async def test_with_chat_completions_the_follow_up_carries_the_transcript(
     assert [(m["role"], m["content"]) for m in sent] == [
         ("user", first), ("assistant", answer_text(first)), ("user", second)
     ]  # fmt: skip
+
+
+async def test_an_idle_session_leaves_redis_alone(stack: Stack, channel_name: str) -> None:
+    """A session with no answer of its own to watch polls nothing: hundreds of idle
+    sessions would otherwise cost a worker a Redis read each, four times a second."""
+    redis = stack.queue().redis
+
+    async def session_reads() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    async with running_worker(stack.settings(listen_channels=channel_name)):
+        await served(stack, channel_name)
+        await ask(stack, channel_name, f"one question {uuid.uuid4().hex[:6]}")
+        await wait_answered(stack, channel_name, 1)
+        await asyncio.sleep(1.0)  # the session sees its answer end, then has nothing to watch
+        before = await session_reads()
+        await asyncio.sleep(2.0)
+        assert await session_reads() - before <= 1

@@ -85,6 +85,10 @@ class Session:
         self._parts: list[UserMessage] = []  # an AI Transport user message, being gathered
         self._held: list[tuple[UserMessage, float]] = []  # `ai-cancel`s and their deadline
         self._inputs: OrderedDict[str, str] = OrderedDict()  # input codec-message-id: job id
+        # Whether the last `_advance` left an answer of this session's to watch for its end
+        # (or prompts waiting behind one). Only then does the session poll Redis: hundreds
+        # of idle sessions polling 4 times a second cost a sixth of a busy worker's CPU.
+        self._watching = True
 
     # -- life --------------------------------------------------------------------------
 
@@ -127,7 +131,7 @@ class Session:
         await self._step(self._resume("taken"))
         while True:
             try:
-                item = await asyncio.wait_for(self._inbox.get(), POLL_S)
+                item = await asyncio.wait_for(self._inbox.get(), self._poll_s())
             except TimeoutError:
                 await self._step(self._flush_parts())
                 await self._step(self._advance())
@@ -139,6 +143,11 @@ class Session:
             if self._inbox.empty():  # a message's parts arrive together: all are in
                 await self._step(self._flush_parts())
 
+    def _poll_s(self) -> float | None:
+        """How long to wait for a message before checking on the session's own work: for
+        ever when there is none (nothing else changes its state)."""
+        return POLL_S if self._watching or self._held or self._parts else None
+
     async def _step(self, work: Awaitable[None]) -> None:
         """One step; a failure (Redis or Ably away) is logged and the session goes on."""
         try:
@@ -147,6 +156,7 @@ class Session:
             log.warning(
                 "session.step_failed", channel=self.name, error=f"{type(exc).__name__}: {exc}"
             )
+            self._watching = True  # whatever the step left half done: check on it
             await asyncio.sleep(POLL_S)
 
     # -- the resume routine -------------------------------------------------------------
@@ -305,6 +315,7 @@ class Session:
         """If no answer is active, enqueue the next waiting prompt, chained to the last."""
         await self._retry_held()
         state = await self.store.state(self.name)
+        self._watching = state.active is not None or bool(state.waiting)
         if state.active is not None:
             record = await self.queue.status(state.active) or {}
             if record.get("state") not in FINISHED and record:
@@ -312,6 +323,7 @@ class Session:
             if record.get("state") == "completed" and record.get("model_response_id"):
                 state.last_response_id = record["model_response_id"]
             await self.store.save(self.name, active=None, last_response_id=state.last_response_id)
+            self._watching = bool(state.waiting)
         if not state.waiting:
             return
         fields, rest = dict(state.waiting[0]), state.waiting[1:]
@@ -320,6 +332,7 @@ class Session:
         job = Job(**fields)
         new = await self.queue.enqueue(job)
         await self.store.save(self.name, active=job.id, waiting=rest)
+        self._watching = True
         log.info("session.prompt_enqueued", channel=self.name, job_id=job.id, new=new,
                  chained=bool(job.previous_response_id) or isinstance(job.input, list))  # fmt: skip
 
