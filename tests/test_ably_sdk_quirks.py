@@ -266,3 +266,44 @@ async def test_sdk_append_still_formats_its_log_lines_with_logging_off(
     finally:
         sdk_channel.log.info = original  # type: ignore[method-assign]
         await client.close()
+
+
+# --- no AUTH per REST call ----------------------------------------------------------------
+
+
+async def _updates_after_history(local_ably: LocalAbly) -> int:
+    """Connection `update` events while a connected realtime client reads a channel's
+    history (a REST call) three times."""
+    client = realtime_client(local_ably.key, local_ably.endpoint, client_id="quirks-worker")
+    updates: list[Any] = []
+    try:
+        await client.connection.once_async("connected")
+        client.connection.on(
+            lambda change: updates.append(change) if change.event == "update" else None
+        )
+        channel = client.channels.get("quirks:history-auth")
+        await channel.attach()
+        for _ in range(3):
+            await channel.history()
+        await asyncio.sleep(0.3)  # a CONNECTED answering an AUTH would be in by now
+        return len(updates)
+    finally:
+        await client.close()
+
+
+async def test_rest_calls_of_a_realtime_client_send_no_auth(local_ably: LocalAbly) -> None:
+    assert await _updates_after_history(local_ably) == 0
+
+
+async def test_sdk_still_reauthorises_the_connection_on_every_rest_call(
+    local_ably: LocalAbly,
+) -> None:
+    from ably.realtime.connectionmanager import ConnectionManager
+
+    sdk_quirks.apply()
+    ours = ConnectionManager.on_auth_updated
+    ConnectionManager.on_auth_updated = sdk_quirks.ORIGINAL_ON_AUTH_UPDATED  # type: ignore[method-assign]
+    try:
+        assert await _updates_after_history(local_ably) == 3
+    finally:
+        ConnectionManager.on_auth_updated = ours  # type: ignore[method-assign]

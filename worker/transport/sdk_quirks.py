@@ -13,7 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import orjson
-from ably.realtime.connectionmanager import PendingMessage
+from ably.realtime.connectionmanager import ConnectionManager, PendingMessage
+from ably.rest.auth import Auth
 from ably.transport import websockettransport
 from ably.transport.websockettransport import ProtocolMessageAction, WebSocketTransport
 from ably.types.connectionstate import ConnectionState
@@ -27,6 +28,8 @@ _applied = False
 ORIGINAL_WS_CONNECT = WebSocketTransport.ws_connect
 ORIGINAL_DECODE = EncodeDataMixin.decode
 ORIGINAL_DIAL = websockettransport.ws_connect  # `websockets.connect`, as the SDK imports it
+ORIGINAL_ON_AUTH_UPDATED = ConnectionManager.on_auth_updated
+ORIGINAL_TRANSPORT_AUTH = Auth.get_auth_transport_param
 
 
 def realtime_url_with_port(ws_url: str, options: Any) -> str:
@@ -154,6 +157,37 @@ def _message(wire: dict[str, Any]) -> Message:
     )  # fmt: skip
 
 
+def _no_reauth_for_rest_calls() -> None:
+    """Send AUTH on the realtime connection only for a token it does not use yet.
+
+    A realtime client's REST calls (history, `get_message`) fetch their Authorization
+    header through `Auth.__authorize_when_necessary`, which hands the (cached, unchanged)
+    token to `ConnectionManager.on_auth_updated`, which sends it as an AUTH protocol
+    message: one per REST call. Ably answers each with a fresh CONNECTED, and the SDK
+    re-attaches every channel of the connection; Sockudo then stops delivering the
+    channel's live messages to it (a session that read its history after attaching never
+    heard the next prompt). Each connection remembers the token it authenticated with;
+    a new token (renewed, or an explicit `authorize`) is still sent.
+    """
+
+    async def get_auth_transport_param(self: Auth) -> Any:
+        credentials = await ORIGINAL_TRANSPORT_AUTH(self)
+        self._worker_connection_token = credentials.get("accessToken")
+        return credentials
+
+    async def on_auth_updated(self: ConnectionManager, token_details: Any) -> Any:
+        auth = self.ably.auth
+        if self.state == ConnectionState.CONNECTED and token_details.token == getattr(
+            auth, "_worker_connection_token", None
+        ):
+            return None  # the connection is using this very token
+        auth._worker_connection_token = token_details.token
+        return await ORIGINAL_ON_AUTH_UPDATED(self, token_details)
+
+    Auth.get_auth_transport_param = get_auth_transport_param
+    ConnectionManager.on_auth_updated = on_auth_updated
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -161,4 +195,5 @@ def apply() -> None:
     _fix_realtime_port()
     _fix_null_encoding()
     _no_deflate()
+    _no_reauth_for_rest_calls()
     _applied = True
