@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 from worker.jobs import Job, JobError, Pattern, parse_job, valid_channel, valid_job_id
 from worker.logs import get_logger
-from worker.model import Done, Failed, Gone, Model, ModelEvent, Started, TextDelta
+from worker.model import Done, Failed, Gone, Model, ModelEvent, Prefetched, Started, TextDelta
 from worker.queue import Delivery, JobState, Queue
 from worker.transport.ait import AitRun, RunReason
 from worker.transport.ait_lifecycle import RunLifecycle, find_input
@@ -521,27 +521,40 @@ class JobRunner:
         resuming = (
             delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
         )
-        recorded = Recorded.of(await self.queue.status(delivery.job_id)) if resuming else None
-        if recorded is not None:
-            serial = delivery.response_serial
-            if serial is not None:
-                continued = await self._continue(serial, publisher, figures, progress, recorded)
-                if continued is not None:
-                    return continued
-            # Forget the response before the message is reset: a record never names a
-            # response whose text the message does not hold.
-            if not await self.queue.record_progress(delivery, None):
-                return Fenced("record_progress")
-        finished = await publisher.open(delivery.response_serial, resuming=resuming)
-        if finished is not None:
-            return FoundFinished(finished)
-        serial = publisher.serial
-        if serial is not None and serial != delivery.response_serial:
-            if not await self.queue.set_response_serial(delivery, serial):
-                return Fenced("set_response_serial")
-        log.info("job.started", response_serial=serial, reopened=serial == delivery.response_serial)
-        ending = await self._consume(self.model.stream(job), publisher, figures, progress)
-        return Failure(ending.reason) if isinstance(ending, Gone) else ending
+        # A fresh answer asks the model first: the request is on its way while the
+        # message is created and its serial saved. Not a resumed one (it may continue a
+        # recorded response instead), nor a background response, which would live on
+        # upstream if abandoned here.
+        prefetched = (
+            None if resuming or self.model.background else Prefetched(self.model.stream(job))
+        )
+        try:
+            recorded = Recorded.of(await self.queue.status(delivery.job_id)) if resuming else None
+            if recorded is not None:
+                serial = delivery.response_serial
+                if serial is not None:
+                    continued = await self._continue(serial, publisher, figures, progress, recorded)
+                    if continued is not None:
+                        return continued
+                # Forget the response before the message is reset: a record never names a
+                # response whose text the message does not hold.
+                if not await self.queue.record_progress(delivery, None):
+                    return Fenced("record_progress")
+            finished = await publisher.open(delivery.response_serial, resuming=resuming)
+            if finished is not None:
+                return FoundFinished(finished)
+            serial = publisher.serial
+            if serial is not None and serial != delivery.response_serial:
+                if not await self.queue.set_response_serial(delivery, serial):
+                    return Fenced("set_response_serial")
+            log.info("job.started", response_serial=serial,
+                     reopened=serial == delivery.response_serial)  # fmt: skip
+            events = prefetched if prefetched is not None else self.model.stream(job)
+            ending = await self._consume(events, publisher, figures, progress)
+            return Failure(ending.reason) if isinstance(ending, Gone) else ending
+        finally:
+            if prefetched is not None:  # however the attempt ends: no request left open
+                await prefetched.aclose()
 
     async def _continue(
         self,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -270,6 +270,53 @@ class Model:
         if job.temperature is not None:
             args["temperature"] = job.temperature
         return args
+
+
+class Prefetched:
+    """A model stream whose first event is asked for at once, in a task of its own.
+
+    Why: a fresh answer's request can then be on its way while the answer's channel
+    message is created and its serial saved (two round trips), so the model's own delay
+    to its first token overlaps them instead of following them. Only the first event is
+    fetched ahead: the rest is read when iterated (a publisher drops text sent before its
+    message exists). Iterating yields that event, then the rest, in order; an exception
+    from the fetch is raised there. `aclose()` cancels the fetch and closes the stream
+    (and with it the HTTP response), for an answer not streamed after all."""
+
+    def __init__(self, events: AsyncIterator[ModelEvent]) -> None:
+        self._events = events
+        self._first: asyncio.Task[ModelEvent | None] | None = asyncio.create_task(
+            self._fetch_first(), name="model-prefetch"
+        )
+
+    async def _fetch_first(self) -> ModelEvent | None:
+        try:
+            return await anext(self._events)
+        except StopAsyncIteration:  # not to be set on a task: None says the stream was empty
+            return None
+
+    def __aiter__(self) -> Prefetched:
+        return self
+
+    async def __anext__(self) -> ModelEvent:
+        first, self._first = self._first, None
+        if first is None:
+            return await anext(self._events)
+        event = await first  # its exception, if the fetch raised
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def aclose(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            first.cancel()
+            await asyncio.wait([first])  # a generator mid-step cannot be closed: let it end
+            if not first.cancelled():
+                first.exception()  # retrieved: the answer is not streamed, its failure moot
+        if isinstance(self._events, AsyncGenerator):
+            with contextlib.suppress(Exception):  # an answer's outcome stands whatever this says
+                await self._events.aclose()
 
 
 async def _guarded(source: AsyncIterator[ModelEvent]) -> AsyncIterator[ModelEvent]:

@@ -279,6 +279,8 @@ class FakePublisher:
       and cannot continue a message holding less than `chars`.
     - `acks_held`: appends are not acknowledged (`acked_chars` stays); by default each
       is acknowledged at once.
+    - `open_gate`: when an Event, `open` waits for it before it answers (a create whose
+      acknowledgement is on its way).
     """
 
     def __init__(
@@ -297,6 +299,7 @@ class FakePublisher:
         self.close_raises = close_raises
         self.holds = holds
         self.acks_held = acks_held
+        self.open_gate: asyncio.Event | None = None
         self.serial: str | None = None
         self.text = ""
         self.acked_chars = 0
@@ -325,6 +328,8 @@ class FakePublisher:
     async def open(self, serial: str | None = None, *, resuming: bool = False) -> Status | None:
         self.opened.append((serial, resuming))
         await asyncio.sleep(0)
+        if self.open_gate is not None:
+            await self.open_gate.wait()
         if self.open_raises is not None:
             raise self.open_raises
         if not self._may_send():
@@ -392,7 +397,13 @@ class Pause:
 
 class FakeModel:
     """Our `worker.model.Model` from a script of `TextDelta`/`Done`/`Failed` events and
-    `Pause` steps; records each job it streamed."""
+    `Pause` steps; records each job it streamed.
+
+    `background` is the model's setting (`MODEL_BACKGROUND`); by default, as the real
+    model, it is background when its script names a response (`Started`). A stream's
+    events are recorded as they are yielded (`yielded`), and a stream closed or cancelled
+    before it played its whole script is recorded in `closed` (its `finally`: the real
+    model's HTTP response is closed there)."""
 
     def __init__(
         self,
@@ -400,12 +411,19 @@ class FakeModel:
         default_model: str = "fake-model",
         resumed: list[ModelEvent | Pause] | None = None,
         cancel_error: str | None = None,
+        background: bool | None = None,
     ) -> None:
         self.script = list(script)
         self.default_model = default_model
         self.resume_script = list(resumed or [])
         self.cancel_error = cancel_error
-        self.streamed: list[str] = []  # job ids, one per stream() call
+        if background is None:
+            background = any(isinstance(step, Started) for step in self.script)
+        self.background = background
+        self.streamed: list[str] = []  # job ids, one per stream() call (its request sent)
+        self.stream_started = asyncio.Event()  # set when a stream() call starts
+        self.yielded: list[ModelEvent] = []  # the events stream() calls yielded, in order
+        self.closed: list[str] = []  # job ids whose stream ended before its script did
         self.resumes: list[tuple[str, int]] = []  # (model_response_id, after), per resume()
         self.cancelled: list[str] = []  # model response ids, per cancel()
 
@@ -414,8 +432,16 @@ class FakeModel:
 
     async def stream(self, job: Job) -> AsyncIterator[ModelEvent]:
         self.streamed.append(job.id)
-        async for event in self._play(self.script):
-            yield event
+        self.stream_started.set()
+        played = False
+        try:
+            async for event in self._play(self.script):
+                self.yielded.append(event)
+                yield event
+            played = True
+        finally:
+            if not played:
+                self.closed.append(job.id)
 
     async def resume(self, model_response_id: str, after: int) -> AsyncIterator[ModelEvent]:
         self.resumes.append((model_response_id, after))

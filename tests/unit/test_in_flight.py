@@ -38,7 +38,11 @@ async def test_settle_returns_each_failure_once_and_times_out_the_unanswered() -
     sends.add(_refused())  # done during it
     never = sends.add(_never())
     failures = await sends.settle(timeout_s=0.05, on_timeout=lambda: stalled.append(True))
-    assert sorted(type(f).__name__ for f in failures) == ["AckTimeout", "RuntimeError", "RuntimeError"]
+    assert sorted(type(f).__name__ for f in failures) == [
+        "AckTimeout",
+        "RuntimeError",
+        "RuntimeError",
+    ]
     assert any(isinstance(f, AckTimeout) for f in failures)
     assert stalled == [True]
     await asyncio.sleep(0)

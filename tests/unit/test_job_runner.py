@@ -236,7 +236,7 @@ async def test_a_lapsed_lease_from_the_start_sends_nothing_and_moves_nothing() -
     outcome, logs = await run(queue, model, publisher, make_delivery(), control)
 
     assert outcome is Outcome.ABANDONED
-    assert model.streamed == []
+    assert model.streamed == ["job-1"] and model.closed == ["job-1"]  # asked, then closed
     assert publisher.serial is None and publisher.closed == []
     assert queue.endings() == []
     the_one(logs, "job.abandoned")
@@ -308,7 +308,7 @@ async def test_an_ack_timeout_is_not_reported_as_the_job_timeout(where: str) -> 
     assert "timed out after" not in error
     assert "acknowledgement" in the_one(logs, "job.retry_scheduled")["reason"]
     if where == "open":
-        assert model.streamed == []  # nothing to stream into
+        assert model.closed == model.streamed == ["job-1"]  # asked, then closed
         assert publisher.closed == []  # no message was made: nothing to close
     else:
         assert publisher.closed == [(Status.COMPLETE, None)]
@@ -382,14 +382,14 @@ async def test_a_refused_transition_is_fenced_and_not_followed_by_another(
     assert publisher.aborted == 1
 
 
-async def test_a_refused_serial_save_stops_before_the_model_runs() -> None:
+async def test_a_refused_serial_save_stops_the_answer_before_it_streams() -> None:
     queue, publisher, model = FakeQueue(), FakePublisher(), FakeModel(*answer("Hello"))
     queue.refuse.add("set_response_serial")
 
     outcome, logs = await run(queue, model, publisher, make_delivery())
 
     assert outcome is Outcome.ABANDONED
-    assert model.streamed == []
+    assert model.streamed == ["job-1"] and model.closed == ["job-1"]  # asked, then closed
     assert publisher.closed == [] and queue.endings() == []
     assert the_one(logs, "job.fenced")["step"] == "set_response_serial"
 
