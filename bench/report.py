@@ -6,7 +6,10 @@ Runs each benchmark as a subprocess with `--json` (they start and stop their own
 servers) and writes:
 
 - `bench/RESULTS.md`: the command, the date, the machine, the versions, a summary of the
-  goals against what was measured (pass/fail), then one section per benchmark;
+  goals against what was measured (pass/fail), then one section per benchmark; the
+  capacity section ends with normal load (`worker_streams.py --processes 1 --arrival
+  steady --n 64`: jobs arriving steadily, about 64 in flight), which the goal for the
+  time to first text is read from;
 - `bench/plots/*.png` (matplotlib, Agg): the capacity curve (answers at once against
   wall/model, fragment gap p95, time to first text p95 and the worker's CPU per token,
   for 1 and 2 worker processes), the memory per concurrent answer, where the CPU went,
@@ -53,6 +56,9 @@ DATA = PLOTS / "data"
 CAPACITY_N = [16, 32, 64, 128, 160, 192, 256, 320]
 QUICK_N = [4, 16]
 TOKENS_PER_SECOND = 50.0  # the model's pace for issue 15
+# Normal load: jobs arriving steadily, about this many answers in flight (one process).
+NORMAL_LOAD = "normal-load"
+NORMAL_LOAD_N = 64
 
 # The goals of issue 15.
 GOAL_WALL_OVER_MODEL = 1.05
@@ -62,6 +68,7 @@ FLOOR_ANSWERS_ONE_PROCESS = 160
 GOAL_CPU_US_PER_TOKEN = 60.0
 CPU_TOLERANCE = 1.10  # "about 60 us": within 10 %
 GOAL_MEMORY_KB_PER_ANSWER = 100.0
+GOAL_TTFT_OVER_MS = 30.0  # at normal load: time to first text p50 over the model's delay
 SATURATED_PCT = 85.0  # one process at this share of a core: it is the limit
 
 ROLE_COLOURS = {
@@ -874,6 +881,54 @@ def capacity_goals(runs: dict[int, Run]) -> list[Goal]:
     return goals
 
 
+def ttft_over(row: dict[str, Any], run: Run) -> str:
+    """Time to first text p50 over the model's first-token delay, with both."""
+    delay = (run.data or {}).get("first_token_ms")
+    return (
+        f"+{num(row['overhead_ms']['p50'])} ms (ttft p50 {num(row['ttft_ms']['p50'])} ms, "
+        f"the model's delay {num(delay)} ms)"
+    )
+
+
+def normal_load_goals(steady: Run | None, one: Run | None) -> list[Goal]:
+    """Time to first text at normal load (jobs arriving steadily), the goal; and for
+    information the same number of answers enqueued at once (the capacity run's burst)."""
+    target = f"p50 <= {GOAL_TTFT_OVER_MS:.0f} ms over the model's first-token delay"
+    rows = (steady.data or {}).get("rows", []) if steady else []
+    if steady is not None and rows and "error" not in rows[0]:
+        row, over = rows[0], rows[0]["overhead_ms"]["p50"]
+        goals = [
+            Goal(
+                f"time to first text at normal load ({row['n']} answers: jobs arriving "
+                "steadily, 1 process)",
+                target,
+                ttft_over(row, steady),
+                "PASS" if over is not None and over <= GOAL_TTFT_OVER_MS else "FAIL",
+            )
+        ]
+    else:
+        why = f"failed: {rows[0]['error'][:120]}" if rows else (steady.note if steady else "")
+        goals = [
+            Goal(
+                f"time to first text at normal load ({NORMAL_LOAD_N} answers)",
+                target,
+                f"no figures ({why or 'not run'})",
+                "n/a",
+            )
+        ]
+    burst = at_n(one, NORMAL_LOAD_N) if one is not None else None
+    if one is not None and burst is not None:
+        goals.append(
+            Goal(
+                f"time to first text, {burst['n']} answers enqueued at once (a burst, 1 process)",
+                "(for information)",
+                ttft_over(burst, one),
+                "n/a",
+            )
+        )
+    return goals
+
+
 def correctness(runs: list[Run]) -> tuple[bool, list[str]]:
     """Every answer exact and no publish refused, over every benchmark that ran."""
     problems: list[str] = []
@@ -1257,14 +1312,53 @@ def queue_goals(run: Run | None) -> list[Goal]:
 # --- the report ----------------------------------------------------------------------------
 
 
-def capacity_section(runs: dict[int, Run], cores: int, quick: bool) -> str:
+def normal_load_section(run: Run | None) -> list[str]:
+    """The steady run's row, under its own heading (nothing if it was not run)."""
+    if run is None:
+        return []
+    rows = good_rows(run)
+    heading = (
+        "### Normal load: jobs arriving steadily, "
+        f"{rows[0]['n'] if rows else NORMAL_LOAD_N} in flight\n\n"
+    )
+    if not run.data:
+        return [heading + failed_section(run)]
+    if not rows:  # the row says what failed
+        return [f"{heading}{run_header(run)}\n\n{capacity_table(run)}"]
+    r, parts = rows[0], rows[0]["overhead_parts_ms"]
+    interval_ms = 1000 * r["model_s"] / r["n"]
+    text = (
+        "A burst of N jobs enqueued in the same millisecond is not normal load: here "
+        f"(`--arrival steady`) jobs arrive one by one, one every {num(interval_ms)} "
+        f"ms (one answer's model-only time, {num(r['model_s'], 2)} s, over N), so that about "
+        f"N={r['n']} answers are in flight (WORKER_CONCURRENCY {r['concurrency']}: an answer "
+        "holds its slot a little longer than its model-only time); measured, "
+        f"{num(r.get('in_flight'), 1)} answers were open on average (enqueued, not yet closed "
+        "at their subscriber) while the measured jobs arrived. The first N jobs, on the "
+        "way to N in flight, are not measured; ttft and gap are of the "
+        f"{r.get('answers_measured', '?')} after them, CPU and memory of the whole run. "
+        "wall/model here is each measured answer's own enqueue to closed at its subscriber "
+        "over its own model-only time, p95."
+    )
+    return [
+        f"{heading}{text}\n\n{run_header(run)}\n\n{capacity_table(run)}\n\n"
+        "Time to first text over the model's first-token delay, p50 / p95 ms: "
+        f"{pq(r['overhead_ms'])}; of which pickup {pq(parts['pickup'])}, create+model "
+        f"{pq(parts['create_model'])}, other {pq(parts['other'])} (as in "
+        "`worker_streams.py`'s table)."
+    ]
+
+
+def capacity_section(
+    runs: dict[int, Run], cores: int, quick: bool, steady: Run | None = None
+) -> str:
     parts = []
     any_data = any(good_rows(r) for r in runs.values())
     for p, run in sorted(runs.items()):
         if not run.data:
             parts.append(f"### {p} worker process{'es' if p > 1 else ''}\n\n" + failed_section(run))
     if not any_data:
-        return "\n\n".join(parts)
+        return "\n\n".join(parts + normal_load_section(steady))
     meta = next(r.data for r in runs.values() if r.data)
     assert meta is not None
     parts.insert(
@@ -1291,6 +1385,7 @@ def capacity_section(runs: dict[int, Run], cores: int, quick: bool) -> str:
                 f"### {p} worker process{'es' if p > 1 else ''} ({run.data.get('launch', '?')})"
                 f"\n\n{run_header(run)}\n\n{capacity_table(run)}"
             )
+    parts += normal_load_section(steady)
     parts.append(
         "Columns: wall/model is the first enqueue to the last answer closed at its "
         "subscriber over the slowest answer's model-only time; gap, between text fragments "
@@ -1372,9 +1467,10 @@ def write_report(
     PLOTS.mkdir(parents=True, exist_ok=True)
     cores = int(info["machine"]["cores"]) if info["machine"]["cores"].isdigit() else 1
     capacity = {int(k.split("-p")[1]): r for k, r in runs.items() if k.startswith("capacity-p")}
+    steady = runs.get(NORMAL_LOAD)
     sections: list[str] = []
     goals: list[Goal] = []
-    if capacity:
+    if capacity or steady:
         title = (
             f"Capacity at {TOKENS_PER_SECOND:g} tokens/s per answer — "
             f"{info['machine']['cores']} cores, {info['machine']['cpu']}"
@@ -1383,9 +1479,11 @@ def write_report(
             plot_capacity(capacity, title, PLOTS / "capacity.png")
             plot_memory(capacity, "Memory per concurrent answer", PLOTS / "memory.png")
             plot_cpu(capacity, cores, PLOTS / "cpu_shares.png")
-        sections.append("## Capacity curve\n\n" + capacity_section(capacity, cores, info["quick"]))
+        sections.append(
+            "## Capacity curve\n\n" + capacity_section(capacity, cores, info["quick"], steady)
+        )
         sections.append("## Memory per concurrent answer\n\n" + memory_section(capacity))
-        goals += capacity_goals(capacity)
+        goals += capacity_goals(capacity) + normal_load_goals(steady, capacity.get(1))
     for key, heading, render in (
         ("patterns", "Publishing patterns (`bench/patterns.py`)", patterns_section),
         ("queue", "Our queue vs arq (`bench/queue_vs_arq.py`)", queue_section),
@@ -1516,21 +1614,24 @@ def main() -> int:
         }
         if "capacity" in args.only:
             ns = args.n or (QUICK_N if args.quick else CAPACITY_N)
-            for p in args.processes:
-                extra = ["--min-samples", "8"] if args.quick else []
+            extra = ["--min-samples", "8"] if args.quick else []
+            # (name, P, arrival, Ns): the bursts of the capacity curve, then normal load.
+            plans = [(f"capacity-p{p}", p, "burst", ns) for p in args.processes]
+            steady_n = QUICK_N[-1] if args.quick else NORMAL_LOAD_N
+            plans.append((NORMAL_LOAD, 1, "steady", [steady_n]))
+            for name, p, arrival, run_ns in plans:
                 bench_args = [
                     "--processes",
                     str(p),
+                    *(["--arrival", arrival] if arrival != "burst" else []),
                     "--tokens-per-second",
                     f"{TOKENS_PER_SECOND:g}",
                     "--n",
-                    *map(str, ns),
+                    *map(str, run_ns),
                     *extra,
                 ]
-                timeout = 120 + sum(100 + n / 2 for n in ns)
-                runs[f"capacity-p{p}"] = run_bench(
-                    f"capacity-p{p}", BENCH / "worker_streams.py", bench_args, timeout
-                )
+                timeout = 120 + sum(100 + n / 2 for n in run_ns)
+                runs[name] = run_bench(name, BENCH / "worker_streams.py", bench_args, timeout)
         if "patterns" in args.only:
             script = BENCH / "patterns.py"
             quick = (

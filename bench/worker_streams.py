@@ -1,6 +1,7 @@
 """What a browser sees when a worker streams N answers at once, N = 1, 4, 16, 32 by default.
 
-    uv run python bench/worker_streams.py [--n 1 4 16 32] [--processes P] [--json]
+    uv run python bench/worker_streams.py [--n 1 4 16 32] [--processes P]
+        [--arrival burst|steady] [--json]
 
 Starts its own local services on loopback: `LocalRedis`, `LocalAbly` (Sockudo), the local
 OpenAI server (`python -m worker.devstack.openai_local`, its own process: 50 tokens/s,
@@ -23,14 +24,25 @@ Where the worker runs (`--processes`):
 For each N a fresh worker starts with the default settings (STREAMS_PER_CONNECTION=3, a
 budget of 44 messages/s per connection; WORKER_CONCURRENCY per process the default 16,
 or N when N is larger, in-process; ceil(N / P) with P processes: all N answers run at
-once) under a queue prefix of its own, warms up with short jobs, waits until its CPU has
-settled, idles for `--idle-seconds` (its idle CPU and memory), then for one or more
-rounds enqueues N jobs, each answering on its own channel, while a live subscriber per
-channel (one Ably connection each, as N browsers would have) runs in child processes of
-this script (one up to 160 channels, two above: `--subscriber-processes`).
+once; with `--arrival steady` the same for 1.25 N, see `concurrency`) under a queue
+prefix of its own, warms up with short jobs, waits until its CPU has settled, idles for
+`--idle-seconds` (its idle CPU and memory), then runs one or more rounds of jobs, each
+answering on its own channel, while a live subscriber per channel (one Ably connection
+each, as N browsers would have, attached before the round's first enqueue) runs in child
+processes of this script (one per 160 channels: `--subscriber-processes`). How a round's
+jobs arrive (`--arrival`):
+
+- burst (the default): N jobs enqueued at once, all N answers running together;
+- steady: jobs enqueued one by one, one every model_s / N seconds (model_s: one answer's
+  model-only time, the median of the round's), so that about N answers are in flight as
+  under a steady stream of arrivals. The first N jobs bring it to N in flight ("warm":
+  not measured); the next max(N, `--min-samples`) are measured. One round per N
+  (unless `--rounds`).
+
 It reports:
 
-- ttft: from the enqueue to the first non-empty text the subscriber receives (p50/p95);
+- ttft: from the enqueue to the first non-empty text the subscriber receives (p50/p95;
+  with `--arrival steady`, this and the next two items are of the measured jobs only);
   `over`: the same minus the model's own first-token delay, i.e. the worker's overhead,
   split into pickup (enqueue to taken, from Redis' timestamps), create+model (the
   worker's own ttft_ms less the model's delay: the create publish and its ACK, the model
@@ -40,20 +52,26 @@ It reports:
   (p50/p95): how smooth the stream looks (one fragment per append the worker sent);
 - wall: from the first enqueue to the last answer closed (`status: complete`) at the
   subscriber, against the model-only time (the slowest answer's first-token delay plus
-  its tokens at the model's pace), as a ratio; every answer checked against
-  `answer_text` (`ok`), every job `completed` in Redis;
+  its tokens at the model's pace), as a ratio. With `--arrival steady` the round's wall
+  time is mostly the arrival schedule, so w/m is each measured answer's own enqueue to
+  closed over its own model-only time, p95 (and `model` one answer's model-only time,
+  the median); every answer checked against `answer_text` (`ok`), every job `completed`
+  in Redis;
 - the worker's Ably connections (open, and publishing in the round), the highest count
   of Ably-counted messages in any one-second window on any one connection, and how many
   the proxy refused (over 50/s per connection or channel);
 - CPU: the worker's per answer, per token streamed (µs) and as a share of one core, and
   the other processes' shares (Sockudo, the subscribers (all, and the busiest one), the
-  proxy, the model server, Redis, this script, the rest of the machine);
+  proxy, the model server, Redis, this script, the rest of the machine); with
+  `--arrival steady` over the whole round (the warm jobs, and the tail as the last
+  answers end, included);
 - memory: the worker's resident memory (VmRSS) at idle after the warm-up and its peak
   while the N answers stream (sampled every 0.1 s); (peak - idle) / N is the memory per
   concurrent answer.
 
 Ratios against N=1 close the table. The rounds per N are enough to give `--min-samples`
-answers (8: eight rounds of one answer, two of four, one of 16 or more). Every wait is
+answers (8: eight rounds of one answer, two of four, one of 16 or more; steady: one round
+of N + max(N, 8) jobs, about (N + max(N, 8)) / N answer times long). Every wait is
 bounded: an N that fails (a worker that does not start, a round that does not end) is a
 row with its error, and the next N runs. A default run takes about 60 s. Exit status 1 if
 an answer was wrong, a publish refused or an N failed.
@@ -109,6 +127,13 @@ REPORT_LIMIT_BYTES = 64 * 1024 * 1024  # the subscribers' report: one line, ever
 SUBSCRIBERS_PER_PROCESS = 160  # channels one subscriber process holds, by default
 MEMORY_SAMPLE_S = 0.1
 SETTLE_WINDOW_S = 1.0
+STEADY_HEADROOM = 1.25  # --arrival steady: worker slots per answer in flight (concurrency)
+ARRIVALS = {
+    "burst": "burst: each round's N jobs enqueued at once",
+    "steady": "steady: one job every (one answer's model-only time) / N, about N answers in "
+    f"flight (slots for {STEADY_HEADROOM:g} N); the first N (warm) not measured, then "
+    "max(N, --min-samples) measured",
+}
 
 
 def supervisor_available() -> bool:
@@ -200,13 +225,13 @@ def busiest_worker(start: Meter, end: Meter) -> float:
     return max((end.workers[pid] - start.workers.get(pid, 0.0) for pid in end.workers), default=0.0)
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float], digits: int = 1) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None}
     if len(values) == 1:
-        return {"p50": round(values[0], 1), "p95": round(values[0], 1)}
+        return {"p50": round(values[0], digits), "p95": round(values[0], digits)}
     q = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": round(q[49], 1), "p95": round(q[94], 1)}
+    return {"p50": round(q[49], digits), "p95": round(q[94], digits)}
 
 
 # --- the subscribers (a child process) ------------------------------------------------------
@@ -521,8 +546,12 @@ class Services:
 @dataclass
 class RoundResult:
     n: int
+    answers: int  # the round's jobs (steady: the warm ones too)
     wall_s: float
     model_s: float
+    # Each measured answer's enqueue to closed at its subscriber over its own model time.
+    answer_wall_over_model: list[float]
+    in_flight: float  # steady: answers open on average while the measured jobs arrived
     ttft_ms: list[float]
     # Where the overhead went, from Redis' timestamps and the worker's own ttft_ms: pickup
     # (enqueue to taken), create_model (the worker's ttft less the model's first-token
@@ -591,16 +620,37 @@ def model_seconds(prompt: str, tokens: int, tps: float, first_token_ms: float) -
 
 def concurrency(n: int, args: argparse.Namespace) -> int:
     """WORKER_CONCURRENCY (per process) for N answers: --concurrency, else in-process the
-    default or N if larger, with P processes ceil(N / P): all N answers run at once."""
+    default or N if larger, with P processes ceil(N / P): all N answers run at once.
+    Steady arrivals: slots for STEADY_HEADROOM x N answers. An answer holds its slot a
+    little longer than its model-only time, so jobs arriving at N per model time keep a
+    few more than N in the worker; with N slots they would queue for one, ever longer."""
     if args.concurrency:
         return int(args.concurrency)
+    slots = math.ceil(n * STEADY_HEADROOM) if args.arrival == "steady" else n
     if args.processes:
-        return math.ceil(n / args.processes)
-    return max(n, int(Settings.model_fields["worker_concurrency"].default))
+        return math.ceil(slots / args.processes)
+    return max(slots, int(Settings.model_fields["worker_concurrency"].default))
+
+
+def arrivals(n: int, args: argparse.Namespace) -> tuple[int, int]:
+    """A round's jobs and how many of them come first unmeasured: a burst is N jobs at
+    once, all measured; steady is N warm jobs (to reach N in flight), then max(N,
+    --min-samples) measured ones."""
+    if args.arrival == "steady":
+        return n + max(n, args.min_samples), n
+    return n, 0
+
+
+def rounds_for(n: int, args: argparse.Namespace) -> int:
+    """--rounds, else enough rounds for --min-samples answers (steady: one is enough)."""
+    if args.rounds:
+        return int(args.rounds)
+    return 1 if args.arrival == "steady" else max(1, math.ceil(args.min_samples / n))
 
 
 def subscriber_processes(n: int, args: argparse.Namespace) -> int:
-    return int(args.subscriber_processes or math.ceil(n / SUBSCRIBERS_PER_PROCESS))
+    channels = arrivals(n, args)[0]
+    return int(args.subscriber_processes or math.ceil(channels / SUBSCRIBERS_PER_PROCESS))
 
 
 def launch_mode(args: argparse.Namespace) -> str:
@@ -782,16 +832,23 @@ class Bench:
     ) -> RoundResult:
         a = self.args
         tag = uuid.uuid4().hex[:8]
+        count, warm = arrivals(n, a)
         jobs = [
-            Job(channel=f"bench:{tag}-{i}", input=f"bench {n}x{index} {i} {tag}") for i in range(n)
+            Job(channel=f"bench:{tag}-{i}", input=f"bench {n}x{index} {i} {tag}")
+            for i in range(count)
         ]
         expected = {job.channel: answer_text(str(job.input), a.tokens) for job in jobs}
         tokens = sum(len(answer_tokens(str(job.input), a.tokens)) for job in jobs)
-        model_s = max(
-            model_seconds(str(j.input), a.tokens, a.tokens_per_second, a.first_token_ms)
+        models = {
+            j.channel: model_seconds(str(j.input), a.tokens, a.tokens_per_second, a.first_token_ms)
             for j in jobs
-        )
-        timeout_s = model_s + ROUND_GRACE_S
+        }
+        # A burst: the slowest answer's model-only time, all enqueued at once. Steady: one
+        # answer's (the median), and one job every model_s / N: about N in flight.
+        steady = a.arrival == "steady"
+        model_s = statistics.median(models.values()) if steady else max(models.values())
+        interval = model_s / n if steady else 0.0
+        timeout_s = interval * (count - 1) + max(models.values()) + ROUND_GRACE_S
         groups = [[j.channel for j in jobs[i :: len(subscribers)]] for i in range(len(subscribers))]
         ready_timeout_s = START_TIMEOUT_S + max(len(g) for g in groups) / 10
         for child, group in zip(subscribers, groups, strict=True):
@@ -814,7 +871,10 @@ class Bench:
         memory.start()
         try:
             enqueued: dict[str, float] = {}
-            for job in jobs:
+            first = time.monotonic()
+            for i, job in enumerate(jobs):
+                if (wait := first + i * interval - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
                 enqueued[job.channel] = time.monotonic()
                 assert await queue.enqueue(job)
             report: dict[str, Any] = {"channels": {}}
@@ -827,9 +887,9 @@ class Bench:
         stats = await self.s.proxy.stats()
 
         problems: list[str] = []
-        ttft, gaps, ok, fragments, done_at = [], [], 0, 0, []
+        ttft, gaps, ok, fragments, done_at, ratios = [], [], 0, 0, [], []
         parts: dict[str, list[float]] = {"pickup": [], "create_model": [], "other": []}
-        for job in jobs:
+        for i, job in enumerate(jobs):
             seen = report["channels"][job.channel]
             texts = seen["texts"]
             if texts == [expected[job.channel]] and seen["status"] == "complete":
@@ -839,6 +899,13 @@ class Bench:
                     f"{job.channel}: status {seen['status']}, {len(texts)} message(s), text "
                     f"{'right' if expected[job.channel] in texts else 'wrong'}"
                 )
+            times = seen["fragments"]
+            fragments += len(times)
+            done_at.append(seen["done_at"] or end.wall)
+            if i < warm:
+                continue  # steady: on the way to N in flight, not measured
+            ratios.append((done_at[-1] - enqueued[job.channel]) / models[job.channel])
+            gaps.extend((b - a_) * 1000 for a_, b in itertools.pairwise(times))
             if seen["first_text_at"] is not None:
                 ttft.append((seen["first_text_at"] - enqueued[job.channel]) * 1000)
             record = records[job.id]
@@ -847,24 +914,33 @@ class Bench:
                 parts["pickup"].append(started - float(record["enqueued_at"]))
                 parts["create_model"].append(worker_ttft - a.first_token_ms)
                 parts["other"].append(seen["first_text_wall"] * 1000 - started - worker_ttft)
-            times = seen["fragments"]
-            fragments += len(times)
-            gaps.extend((b - a_) * 1000 for a_, b in itertools.pairwise(times))
-            done_at.append(seen["done_at"] or end.wall)
         states = [record.get("state", "missing") for record in records.values()]
         completed = states.count("completed")
-        if completed < n:
+        if completed < count:
             problems.append(f"job states: {sorted(states)}")
         retried = sum(1 for record in records.values() if _int(record.get("attempts")) > 1)
         if retried:
             problems.append(f"{retried} job(s) ran more than once (the worker's errors)")
+        in_flight = float(n)  # a burst: N by construction
+        t0, t1 = enqueued[jobs[warm].channel], enqueued[jobs[-1].channel]
+        if steady and t1 > t0:
+            # Each answer's time open (enqueued, not yet closed at its subscriber) within
+            # the measured arrivals, over their span: how many were in flight, on average.
+            open_s = sum(
+                max(0.0, min(done, t1) - max(enqueued[job.channel], t0))
+                for job, done in zip(jobs, done_at, strict=True)
+            )
+            in_flight = open_s / (t1 - t0)
         connections = stats["connections"].values()
         publishing = [c for c in connections if c["total"]["messages"] > 0]
         cpu = cpu_shares(start, end)
         return RoundResult(
             n=n,
+            answers=count,
             wall_s=max(done_at) - min(enqueued.values()),
             model_s=model_s,
+            answer_wall_over_model=ratios,
+            in_flight=in_flight,
             ttft_ms=ttft,
             ttft_parts_ms=parts,
             fragment_gaps_ms=gaps,
@@ -889,17 +965,20 @@ class Bench:
 # --- report --------------------------------------------------------------------------------
 
 
-def summarise(n: int, run: NRun, first_token_ms: float) -> dict[str, Any]:
-    """One row: every round of one N together, with the worker's idle CPU and memory."""
+def summarise(n: int, run: NRun, first_token_ms: float, arrival: str) -> dict[str, Any]:
+    """One row: every round of one N together, with the worker's idle CPU and memory.
+    Steady arrivals: wall/model is the measured answers' own (enqueue to closed over
+    their model-only time), p95; a burst's is the round's (median over rounds)."""
     rounds, idle = run.rounds, run.idle_cpu
     ttft = [t for r in rounds for t in r.ttft_ms]
     over = [t - first_token_ms for t in ttft]
     gaps = [g for r in rounds for g in r.fragment_gaps_ms]
     walls = [r.wall_s for r in rounds]
     ratios = [r.wall_s / r.model_s for r in rounds]
+    each = percentiles([x for r in rounds for x in r.answer_wall_over_model], 3)
     cpu_wall = sum(r.cpu["wall"] for r in rounds)
     cpu = {role: sum(r.cpu[role] for r in rounds) for role in rounds[0].cpu if role != "wall"}
-    answers = n * len(rounds)
+    answers = sum(r.answers for r in rounds)
     tokens = sum(r.tokens for r in rounds)
     net_cpu = max(0.0, cpu["worker"] - idle * cpu_wall)
     rss_peak = max(r.rss_peak_kb for r in rounds)
@@ -907,6 +986,8 @@ def summarise(n: int, run: NRun, first_token_ms: float) -> dict[str, Any]:
         "n": n,
         "rounds": len(rounds),
         "answers": answers,
+        "answers_measured": sum(len(r.answer_wall_over_model) for r in rounds),
+        "in_flight": round(statistics.median(r.in_flight for r in rounds), 1),
         "ttft_ms": percentiles(ttft),
         "overhead_ms": percentiles(over),
         "overhead_parts_ms": {
@@ -917,7 +998,10 @@ def summarise(n: int, run: NRun, first_token_ms: float) -> dict[str, Any]:
         "fragments_per_answer": round(sum(r.fragments for r in rounds) / answers, 1),
         "wall_s": round(statistics.median(walls), 2),
         "model_s": round(statistics.median(r.model_s for r in rounds), 2),
-        "wall_over_model": round(statistics.median(ratios), 3),
+        "wall_over_model": each["p95"]
+        if arrival == "steady"
+        else round(statistics.median(ratios), 3),
+        "answer_wall_over_model": each,
         "ok": sum(r.ok for r in rounds),
         "completed": sum(r.completed for r in rounds),
         "retried": sum(r.retried for r in rounds),
@@ -990,6 +1074,7 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(
         f"\nworker: {meta['worker']}; Sockudo {meta['sockudo']}, ably-python {meta['ably']}, "
         f"{meta['cpus']} CPUs, load average at start {meta['loadavg']}\n"
+        f"arrival: {meta['arrival_detail']}\n"
         f"model: {meta['tokens']} tokens at {meta['tokens_per_second']:g}/s, first token "
         f"{meta['first_token_ms']:g} ms; streams per connection "
         f"{meta['streams_per_connection']}, budget {meta['messages_per_second']:g} msgs/s "
@@ -1086,6 +1171,19 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         "listens for `cancel`, the first append's wait for a budget token, delivery\nto the "
         f"browser). The worker's CPU and memory: {meta['worker_cpu']}."
     )
+    if meta["arrival"] == "steady":
+        print(
+            "Steady arrivals: ttft, over, its parts and gap are of the measured jobs only (ok, "
+            "CPU and memory of the whole round); wall: first enqueue to the last answer "
+            "closed;\nmodel: one answer's model-only time (the median; the pace is one job "
+            "every model / N s); w/m: each measured answer's\nown enqueue to closed at its "
+            "subscriber over its own model-only time, p95."
+        )
+        for r in good:
+            print(
+                f"  N={r['n']}: {r['in_flight']:.1f} answers open on average (enqueued, not yet "
+                "closed at the subscriber) while the measured jobs arrived"
+            )
     for r in good:
         for problem in r["problems"][:5]:
             print(f"  N={r['n']}: {problem}")
@@ -1107,6 +1205,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-samples", type=int, default=8, help="rounds per N: enough for this many answers"
     )
     p.add_argument("--rounds", type=int, default=0, help="rounds per N (0: from --min-samples)")
+    p.add_argument(
+        "--arrival",
+        choices=["burst", "steady"],
+        default="burst",
+        help="burst: N jobs enqueued at once; steady: one every model time / N (about N in "
+        "flight), N warm jobs then max(N, --min-samples) measured",
+    )
     p.add_argument(
         "--processes",
         type=int,
@@ -1189,6 +1294,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "processes": args.processes,
         "launch": mode,
+        "arrival": args.arrival,
+        "arrival_detail": ARRIVALS[args.arrival],
         "worker": worker,
         "tokens": args.tokens,
         "tokens_per_second": args.tokens_per_second,
@@ -1215,7 +1322,9 @@ def progress(text: str, args: argparse.Namespace, stream: Any) -> None:
 def n_timeout_s(n: int, rounds: int, args: argparse.Namespace) -> float:
     """The most one N may take, everything included: a backstop behind each bounded wait."""
     model_s = args.first_token_ms / 1000 + args.tokens * 1.3 / max(args.tokens_per_second, 1)
-    per_round = model_s + ROUND_GRACE_S + 2 * START_TIMEOUT_S + n / 10 + 30
+    jobs = arrivals(n, args)[0]
+    arriving = model_s * (jobs - 1) / n if args.arrival == "steady" else 0.0
+    per_round = model_s + arriving + ROUND_GRACE_S + 2 * START_TIMEOUT_S + jobs / 10 + 30
     idle = args.settle_seconds + SETTLE_WINDOW_S + args.idle_seconds
     return 4 * START_TIMEOUT_S + idle + rounds * per_round + STOP_TIMEOUT_S + 30
 
@@ -1273,7 +1382,7 @@ async def amain(args: argparse.Namespace) -> int:
         bench = Bench(Services(redis, ably, proxy, model_url, pids), args)
         meta = _meta(args)
         for n in args.n:
-            rounds = args.rounds or max(1, math.ceil(args.min_samples / n))
+            rounds = rounds_for(n, args)
             progress(f"... N={n}: {rounds} round(s)", args, console)
             base = {"n": n, "processes": args.processes, "concurrency": concurrency(n, args)}
             with tempfile.TemporaryFile("w+") as worker_log:
@@ -1282,7 +1391,7 @@ async def amain(args: argparse.Namespace) -> int:
                 try:
                     async with asyncio.timeout(n_timeout_s(n, rounds, args)):
                         run = await bench.run_n(n, rounds, worker_log)
-                    rows.append({**base, **summarise(n, run, args.first_token_ms)})
+                    rows.append({**base, **summarise(n, run, args.first_token_ms, args.arrival)})
                     rows[-1]["worker_errors"] = worker_errors(worker_log)
                 except Exception as exc:  # the row says what failed; the next N runs
                     error = f"{type(exc).__name__}: {exc}"
