@@ -275,6 +275,12 @@ class Progress:
         self.recorded = (recorded.sequence, recorded.chars)
         self._last = self.clock()
 
+    @property
+    def tracking(self) -> bool:
+        """Whether deltas are recorded at all: a background response continued into a
+        message that can be continued (checked per delta, so no await for the others)."""
+        return self.publisher is not None and self.model_response_id is not None
+
     async def delta(self, sequence: int | None, text_end: int) -> bool:
         """A delta of the response reached the message's text, which now ends at
         `text_end`; writes what Ably has acknowledged if the last write is old enough."""
@@ -602,7 +608,9 @@ class JobRunner:
                     figures.first_token_at = time.monotonic()
                     log.info("job.first_token", ttft_ms=figures.ttft_ms())
                 publisher.append(event.text)
-                if not await progress.delta(event.sequence, len(publisher.text)):
+                if progress.tracking and not await progress.delta(
+                    event.sequence, len(publisher.text)
+                ):
                     return Fenced("record_progress")
             elif isinstance(event, Started):
                 if not await progress.started(event.model_response_id, event.sequence):
