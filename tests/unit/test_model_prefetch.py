@@ -8,8 +8,9 @@ Doubles of our own seams only (`tests.unit.doubles`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -287,24 +288,38 @@ async def events_of(*steps: ModelEvent | BaseException) -> AsyncIterator[ModelEv
         yield step
 
 
-def collect_loop_errors() -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def prefetch_loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What the loop reports about the prefetch's own task while the block runs (the
+    loop is shared with other tests: their leftovers are not this test's)."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
     errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
-    return errors
+
+    def handler(_: Any, context: dict[str, Any]) -> None:
+        task = context.get("task") or context.get("future")
+        if getattr(task, "get_name", lambda: "")() == "model-prefetch":
+            errors.append(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_an_exception_fetching_the_first_event_is_raised_at_iteration() -> None:
-    errors = collect_loop_errors()
-    prefetched = Prefetched(events_of(RuntimeError("the stream broke")))
-    await asyncio.sleep(0.01)  # the fetch has failed by now
+    with prefetch_loop_errors() as errors:
+        prefetched = Prefetched(events_of(RuntimeError("the stream broke")))
+        await asyncio.sleep(0.01)  # the fetch has failed by now
 
-    with pytest.raises(RuntimeError, match="the stream broke"):
-        async for _ in prefetched:
-            pass
-    await prefetched.aclose()
-    del prefetched
-    gc.collect()
-    await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="the stream broke"):
+            async for _ in prefetched:
+                pass
+        await prefetched.aclose()
+        del prefetched
+        gc.collect()
+        await asyncio.sleep(0)
     assert errors == []
 
 
@@ -318,14 +333,14 @@ async def test_an_exception_after_the_first_event_is_raised_in_order() -> None:
 
 
 async def test_a_failed_fetch_that_is_never_iterated_is_not_reported_unretrieved() -> None:
-    errors = collect_loop_errors()
-    prefetched = Prefetched(events_of(RuntimeError("the stream broke")))
-    await asyncio.sleep(0.01)
+    with prefetch_loop_errors() as errors:
+        prefetched = Prefetched(events_of(RuntimeError("the stream broke")))
+        await asyncio.sleep(0.01)
 
-    await prefetched.aclose()
-    del prefetched
-    gc.collect()
-    await asyncio.sleep(0)
+        await prefetched.aclose()
+        del prefetched
+        gc.collect()
+        await asyncio.sleep(0)
     assert errors == []
 
 
