@@ -23,11 +23,7 @@ class JsonChild:
         return cls(proc, name)
 
     async def read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"{self.name} {self.proc.pid} exited ({await self.proc.wait()})")
-        return dict(json.loads(line))
+        return await read_json_line(self.proc, self.name, timeout)
 
     async def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -46,3 +42,14 @@ class JsonChild:
             await self.proc.wait()
             if raise_if_killed:
                 raise
+
+
+async def read_json_line(
+    proc: asyncio.subprocess.Process, name: str, timeout: float
+) -> dict[str, Any]:
+    """The child's next JSON line on stdout; an error naming it if it exited instead."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        raise RuntimeError(f"{name} {proc.pid} exited ({await proc.wait()})")
+    return dict(json.loads(line))

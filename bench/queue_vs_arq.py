@@ -113,6 +113,7 @@ from arq_jobs import (
     count_round_trips,
 )
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
+from json_child import read_json_line
 
 from worker.devstack.processes import server_process_options
 from worker.devstack.redis_server import LocalRedis
@@ -302,11 +303,7 @@ class Consumer:
         return consumer
 
     async def read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"{self.name} {self.proc.pid} exited ({await self.proc.wait()})")
-        return dict(json.loads(line))
+        return await read_json_line(self.proc, self.name, timeout)
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
         """SIGTERM, then its last JSON line (round trips) once it has exited."""
