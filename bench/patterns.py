@@ -915,7 +915,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "late_reads": args.late_reads,
         "page_size": args.page_size,
         "sockudo_history_max_page_size": ABLY_MAX_PAGE,
-        "worker_settings": "defaults (WORKER_CONCURRENCY 16, STREAMS_PER_CONNECTION 4, "
+        "worker_settings": "defaults (WORKER_CONCURRENCY 16, STREAMS_PER_CONNECTION 3, "
         "ABLY_MESSAGES_PER_SECOND 44)",
     }
 

@@ -1231,7 +1231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="WORKER_CONCURRENCY per process (0: in-process max(N, default 16), else ceil(N/P))",
     )
-    p.add_argument("--streams-per-connection", type=int, default=0, help="0: the default (4)")
+    p.add_argument("--streams-per-connection", type=int, default=0, help="0: the default (3)")
     p.add_argument("--messages-per-second", type=float, default=0, help="0: the default (44)")
     p.add_argument(
         "--subscriber-processes",
