@@ -25,6 +25,7 @@ from tests.worker_harness import Stack, running_worker
 from worker.devstack.openai_local import answer_text
 from worker.jobs import Job
 from worker.redis_client import connect_redis
+from worker.sessions import session as session_module
 from worker.sessions.keys import lease_key
 from worker.transport import ait, lookup
 
@@ -210,9 +211,13 @@ def ai_input(text: str, codec_message_id: str, event_id: str, part: int = 0) -> 
     return Message(name=ait.INPUT, data=text, extras=extras)
 
 
+@pytest.mark.parametrize("frames", ["one publish", "a publish per part"])
 async def test_an_ai_input_in_parts_on_a_served_channel_is_one_job_answered_on_the_ait_wire(
-    stack: Stack, channel_name: str
+    stack: Stack, channel_name: str, frames: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Ably delivers one publish's messages together; Sockudo sends them a frame each: the
+    parts are gathered until a quiet moment (here widened, so the test can space them)."""
+    monkeypatch.setattr(session_module, "PARTS_QUIET_S", 1.5)
     u, event_id = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     first, second = prompt("part one"), prompt("part two")
     settings = stack.settings(listen_channels=channel_name)
@@ -222,7 +227,13 @@ async def test_an_ai_input_in_parts_on_a_served_channel_is_one_job_answered_on_t
             channel = client.channels.get(channel_name)
             await channel.attach()
             await served(stack, channel_name)
-            await channel.publish([ai_input(first, u, event_id), ai_input(second, u, event_id)])
+            parts = [ai_input(first, u, event_id), ai_input(second, u, event_id)]
+            if frames == "one publish":
+                await channel.publish(parts)
+            else:  # two frames, the second one well after the first
+                await channel.publish(parts[0])
+                await asyncio.sleep(0.3)
+                await channel.publish(parts[1])
             await stack.wait_state(event_id, "completed")  # the job id: the input's event-id
             await wait_for(lambda: wire.run_end() is not None, what="ai-run-end")
         finally:

@@ -16,6 +16,9 @@ message the checkpoint advances.
 Ably AI Transport's client speaks here too (`transport.ait`): a user message is one
 `ai-input` per part, published together, so the parts are gathered (consecutive, one
 codec-message-id) and become one prompt, their texts joined, on the AI Transport wire.
+Ably delivers one publish's messages together, but a server may send them one frame each
+(the local Ably, Sockudo, splits about half of them), so the parts are complete once
+`PARTS_QUIET_S` passes without another (or another message comes).
 Its job id is the input's event-id (the invocation's `inputEventId`), so a backend that
 enqueues the same input makes no second job. An `ai-cancel` names the run or the input
 (codec-message-id); one whose job is not known yet is held a little while and applied
@@ -49,6 +52,7 @@ log = get_logger("worker.session")
 FINISHED = ("completed", "cancelled", "dead")
 POLL_S = 0.25  # how often a session with an active answer checks whether it has ended
 SEEN_SERIALS = 10_000
+PARTS_QUIET_S = 0.025  # an input's parts are all in once this passes without another
 HOLD_CANCEL_S = 30.0  # an `ai-cancel` for a job not known yet waits this long for it
 _RESUME = object()  # an inbox item: run the resume routine again
 
@@ -83,6 +87,7 @@ class Session:
         self._first_live: str | None = None  # the first serial the subscription delivered
         self._task: asyncio.Task[None] | None = None
         self._parts: list[UserMessage] = []  # an AI Transport user message, being gathered
+        self._parts_due = 0.0  # when the gathered parts are complete, unless another comes
         self._held: list[tuple[UserMessage, float]] = []  # `ai-cancel`s and their deadline
         self._inputs: OrderedDict[str, str] = OrderedDict()  # input codec-message-id: job id
         # Whether the last `_advance` left an answer of this session's to watch for its end
@@ -140,13 +145,15 @@ class Session:
                 await self._step(self._resume("reattached"))
             else:
                 await self._step(self._handle(item))
-            if self._inbox.empty():  # a message's parts arrive together: all are in
+            if self._parts and time.monotonic() >= self._parts_due:
                 await self._step(self._flush_parts())
 
     def _poll_s(self) -> float | None:
         """How long to wait for a message before checking on the session's own work: for
         ever when there is none (nothing else changes its state)."""
-        return POLL_S if self._watching or self._held or self._parts else None
+        if self._parts:
+            return max(0.0, self._parts_due - time.monotonic())
+        return POLL_S if self._watching or self._held else None
 
     async def _step(self, work: Awaitable[None]) -> None:
         """One step; a failure (Redis or Ably away) is logged and the session goes on."""
@@ -213,6 +220,7 @@ class Session:
         if self._parts and self._parts[0].input_codec_message_id != part.input_codec_message_id:
             await self._flush_parts()
         self._parts.append(part)
+        self._parts_due = time.monotonic() + PARTS_QUIET_S
         self._remember(part.serial)
         return "prompts" if len(self._parts) == 1 else "skipped"
 
