@@ -165,6 +165,19 @@ async def test_sockudo_redelivers_what_is_published_between_resume_and_reattach(
     assert len(serials) > len(set(serials)), "Sockudo no longer redelivers: update the notes"
 
 
+async def test_more_connections_than_a_client_session_pools_are_all_bridged(
+    proxy: FaultProxy, clients: MakeClient
+) -> None:
+    """A worker at 320 answers holds 107 connections: aiohttp's default of 100 per client
+    session left the 101st waiting for a free one until Ably's request timeout."""
+    made = [await clients(proxy.endpoint, wait=False) for _ in range(110)]
+    connected = [
+        c.connection.once_async("connected") for c in made if c.connection.state != "connected"
+    ]
+    await asyncio.wait_for(asyncio.gather(*connected), 30)
+    assert [c.connection.state for c in made] == ["connected"] * 110
+
+
 async def test_blackhole_discards_then_forwarding_resumes(
     proxy: FaultProxy, clients: MakeClient, channel_name: str
 ) -> None:

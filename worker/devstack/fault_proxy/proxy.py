@@ -107,7 +107,11 @@ class FaultProxy(InProcessServer):
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            # Each bridged WebSocket holds one upstream connection for its life: no cap
+            # (aiohttp's default of 100 stalled the 101st until the client gave up).
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
         app = web.Application()
         app.add_routes(control_routes(self))
