@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai import DefaultAioHttpClient
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import (
     ResponseCompletedEvent,
@@ -478,6 +479,26 @@ async def test_many_concurrent_streams_each_get_their_answer(client: openai.Asyn
 
     texts = await asyncio.gather(*(ask(p) for p in prompts))
     assert texts == [answer_text(p) for p in prompts]
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listener's queue was full."""
+    lines = [line.split() for line in open("/proc/net/netstat") if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1], strict=True))["ListenOverflows"])
+
+
+async def test_a_burst_of_new_connections_is_accepted_without_drops(
+    server: OpenAILocalServer,
+) -> None:
+    """A worker taking 300 jobs at once opens 300 connections in one go; a listen queue
+    of 128 (aiohttp's default) dropped the rest and they came back a second later."""
+    before = listen_overflows()
+    async with server.client(max_retries=0, http_client=DefaultAioHttpClient()) as sdk:
+        answers = await asyncio.gather(
+            *(sdk.responses.create(model="local", input=f"burst {i}") for i in range(300))
+        )
+    assert [a.output_text for a in answers] == [answer_text(f"burst {i}") for i in range(300)]
+    assert listen_overflows() == before
 
 
 async def test_command_line_prints_base_url_and_stops_on_sigterm(prompt: str) -> None:

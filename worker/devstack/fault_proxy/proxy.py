@@ -20,6 +20,7 @@ from worker.devstack.fault_proxy.counting import (
 )
 from worker.devstack.fault_proxy.faults import Faults
 from worker.devstack.fault_proxy.serials import SerialMap
+from worker.devstack.ports import LISTEN_BACKLOG
 from worker.devstack.processes import InProcessServer
 
 # Headers that belong to one hop (RFC 9110 7.6.1) or that aiohttp sets itself.
@@ -124,7 +125,7 @@ class FaultProxy(InProcessServer):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = int(sock.getsockname()[1])
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG).start()
 
     async def stop(self) -> None:
         for bridge in list(self._bridges):

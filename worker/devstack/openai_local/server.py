@@ -16,6 +16,7 @@ from worker.devstack.openai_local import chat_api, responses_api
 from worker.devstack.openai_local.errors import bad_request, error_response, invalid_api_key
 from worker.devstack.openai_local.options import MODELS, BadRequest, ServerConfig
 from worker.devstack.openai_local.state import ServerState
+from worker.devstack.ports import LISTEN_BACKLOG
 from worker.devstack.processes import InProcessServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -141,7 +142,7 @@ class OpenAILocalServer(InProcessServer):
         app = make_app(self.state, self._handlers)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=LISTEN_BACKLOG)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
