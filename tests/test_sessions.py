@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from ably.realtime.channel import RealtimeChannel
 from ably.types.message import Message, MessageAction
 from structlog.testing import capture_logs
 
@@ -299,6 +301,7 @@ async def test_a_reattach_that_ably_reports_as_not_resumed_runs_the_resume_routi
     from worker.redis_client import connect_redis
     from worker.sessions.session import Session, SessionOptions
     from worker.sessions.store import SessionStore
+    from worker.transport.channel_uses import ChannelUses
 
     redis = connect_redis(stack.redis.url)
     queue = RedisStreamsQueue(redis, prefix=stack.prefix, consumer="session-test")
@@ -309,7 +312,7 @@ async def test_a_reattach_that_ably_reports_as_not_resumed_runs_the_resume_routi
     async def agents() -> set[str]:
         return {"agent"}
 
-    session = Session(channel_name, client, store, queue, SessionOptions(), agents)
+    session = Session(channel_name, client, store, queue, SessionOptions(), agents, ChannelUses())
     try:
         with capture_logs() as logs:
             await session.start()
@@ -393,3 +396,32 @@ async def test_an_idle_session_leaves_redis_alone(stack: Stack, channel_name: st
         before = await session_reads()
         await asyncio.sleep(2.0)
         assert await session_reads() - before <= 1
+
+
+def channel_objects(names: set[str]) -> int:
+    """ably-python channel objects alive in this process for these channel names."""
+    gc.collect()
+    return sum(isinstance(o, RealtimeChannel) and o.name in names for o in gc.get_objects())
+
+
+async def test_a_conversation_gone_idle_leaves_no_channel_behind(stack: Stack) -> None:
+    """A long-lived connection that kept every channel it served (about 11 KB each, and
+    attached ones sent every message) grew with each new conversation."""
+    names = {f"idle:{uuid.uuid4().hex[:8]}" for _ in range(3)}
+    jobs = [Job(id=uuid.uuid4().hex, channel=name, input="hello") for name in sorted(names)]
+    redis = stack.queue().redis
+    settings = stack.settings(session_idle_seconds=1, session_lease_seconds=2)
+    async with running_worker(settings):
+        await stack.enqueue(*jobs)
+        for job in jobs:
+            await stack.wait_state(job.id, "completed")
+        await served(stack, jobs[0].channel)
+        assert channel_objects(names) >= 1  # the sessions hold their channels meanwhile
+        leases = [f"{stack.prefix}:session:{name}:lease" for name in names]
+        await wait_for_async(lambda: _none_exist(redis, leases), 30, "the sessions gone idle")
+        await asyncio.sleep(0.5)  # the last one detaching
+        assert channel_objects(names) == 0
+
+
+async def _none_exist(redis: Any, keys: list[str]) -> bool:
+    return not await redis.exists(*keys)

@@ -225,9 +225,10 @@ class Worker:
         lease = self.pool.acquire(channel, prefer=listener)
         # Listening for `cancel` attaches the channel: a round trip the answer need not
         # wait for (publishing needs no attach), and no reason to fail the job if refused.
-        listening = (
-            asyncio.create_task(self._listen_for_cancel(lease.client, job.channel)) if job else None
-        )
+        listening = None
+        if job is not None:
+            self.pool.uses.take(lease.client, job.channel)
+            listening = asyncio.create_task(self._listen_for_cancel(lease.client, job.channel))
         try:
             control = self.running[delivery.job_id].control
             await self.runner.run(delivery, lease, control)
@@ -236,6 +237,7 @@ class Worker:
         finally:
             if job is not None and listening is not None:
                 await self._end_listening(listening, lease.client, job.channel)
+                await self.pool.uses.give_back(lease.client, job.channel)
             self.pool.release(lease)
 
     async def _end_listening(

@@ -119,7 +119,7 @@ class SessionManager:
             or self.pool.clients[next(self._turns) % len(self.pool.clients)]
         )
         session = Session(channel, client, self.store, self.queue, self.options.session,
-                          self.agent_ids)  # fmt: skip
+                          self.agent_ids, self.pool.uses)  # fmt: skip
         try:
             await asyncio.wait_for(session.start(), 10)
         except Exception as exc:

@@ -45,6 +45,7 @@ from worker.sessions.resume import Checkpoint, missed_since
 from worker.sessions.store import SessionStore
 from worker.transport import ait, contract, lookup
 from worker.transport.ait_lifecycle import RunLifecycle, find_input
+from worker.transport.channel_uses import ChannelUses
 from worker.transport.contract import UserMessage
 
 log = get_logger("worker.session")
@@ -74,8 +75,10 @@ class Session:
         queue: Queue,
         options: SessionOptions,
         agent_ids: Callable[[], Awaitable[set[str]]],
+        uses: ChannelUses,
     ) -> None:
         self.name = name
+        self.uses = uses
         self.client = client
         self.store = store
         self.queue = queue
@@ -99,7 +102,7 @@ class Session:
 
     async def start(self) -> None:
         """Attach and subscribe (holding live messages), then resume in the background."""
-        self.channel = self.client.channels.get(self.name)
+        self.channel = self.uses.take(self.client, self.name)
 
         def on_message(message: Any) -> None:
             if self._first_live is None:
@@ -129,8 +132,8 @@ class Session:
                 self.channel.unsubscribe(self._on_message)
                 self.channel.off(ChannelState.ATTACHED, self._on_attached)
                 self.channel.off("update", self._on_attached)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.channel.detach(), 2.0)
+            # Detached and released unless an answer on this connection still uses it.
+            await self.uses.give_back(self.client, self.name)
 
     async def _run(self) -> None:
         await self._step(self._resume("taken"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.logs import get_logger
+from worker.transport.channel_uses import ChannelUses
 
 log = get_logger("worker.ably")
 
@@ -113,6 +114,7 @@ class ConnectionPool:
         self.channel_budgets: dict[str, Budget] = {}
         self.channel_active: dict[str, int] = {}
         self.channel_slot: dict[str, int] = {}  # the latest answer's connection, by channel
+        self.uses = ChannelUses()  # the channel objects sessions and answers hold, per client
 
     @property
     def primary(self) -> Any:
