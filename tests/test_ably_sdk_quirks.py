@@ -149,6 +149,33 @@ async def test_sdk_still_offers_deflate(
     assert await _negotiated(local_ably.endpoint, local_ably.key) == []
 
 
+# --- one TLS context ----------------------------------------------------------------------
+
+
+def _tls_context(client: Any) -> Any:
+    return client.http._Http__client._transport._pool._ssl_context
+
+
+async def test_worker_clients_share_one_tls_context_and_still_make_rest_calls(
+    local_ably: LocalAbly,
+) -> None:
+    clients = [realtime_client(local_ably.key, local_ably.endpoint) for _ in range(3)]
+    try:
+        assert len({id(_tls_context(c)) for c in clients}) == 1
+        assert isinstance(await clients[0].time(), int)  # the REST layer works as before
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+def test_sdk_still_builds_a_tls_context_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ably import AblyRest
+    from ably.http import http as ably_http
+
+    monkeypatch.setattr(ably_http, "httpx", sdk_quirks.ORIGINAL_HTTPX)
+    clients = [AblyRest(key="app.key:secret") for _ in range(2)]
+    assert _tls_context(clients[0]) is not _tls_context(clients[1])
+
+
 # --- the lean append --------------------------------------------------------------------
 
 

@@ -11,8 +11,10 @@ import functools
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import msgpack
 import orjson
+from ably.http import http as ably_http
 from ably.realtime.connectionmanager import ConnectionManager, PendingMessage
 from ably.rest.auth import Auth
 from ably.transport import websockettransport
@@ -30,6 +32,7 @@ ORIGINAL_DECODE = EncodeDataMixin.decode
 ORIGINAL_DIAL = websockettransport.ws_connect  # `websockets.connect`, as the SDK imports it
 ORIGINAL_ON_AUTH_UPDATED = ConnectionManager.on_auth_updated
 ORIGINAL_TRANSPORT_AUTH = Auth.get_auth_transport_param
+ORIGINAL_HTTPX = ably_http.httpx  # the module, as the SDK's REST layer sees it
 
 
 def realtime_url_with_port(ws_url: str, options: Any) -> str:
@@ -90,6 +93,32 @@ def _no_deflate() -> None:
     Ably's protocol does not need it.
     """
     websockettransport.ws_connect = functools.partial(ORIGINAL_DIAL, compression=None)
+
+
+class _HttpxWithOneTlsContext:
+    """`httpx` as ably-python's REST layer sees it: the same module, except that its
+    clients verify TLS with one context (its own CA settings: `SSL_CERT_FILE`...)."""
+
+    def __init__(self) -> None:
+        self._context = ORIGINAL_HTTPX.create_ssl_context()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ORIGINAL_HTTPX, name)
+
+    def AsyncClient(self, *args: Any, **kwargs: Any) -> httpx.AsyncClient:  # noqa: N802
+        kwargs.setdefault("verify", self._context)
+        return ORIGINAL_HTTPX.AsyncClient(*args, **kwargs)
+
+
+def _one_tls_context() -> None:
+    """Every client's REST calls share one TLS context.
+
+    ably-python gives each client an `httpx.AsyncClient`, and each builds a TLS context
+    that loads the CA bundle: 17 ms of CPU and 880 KB of memory per client. The worker
+    makes one client per Ably connection (86 at 256 answers): 1.5 s with the event loop
+    blocked while the pool was made, and 75 MB holding copies of one certificate store.
+    """
+    ably_http.httpx = _HttpxWithOneTlsContext()
 
 
 # --- a lean append (not a patch: called by name) -----------------------------------------
@@ -196,4 +225,5 @@ def apply() -> None:
     _fix_null_encoding()
     _no_deflate()
     _no_reauth_for_rest_calls()
+    _one_tls_context()
     _applied = True
