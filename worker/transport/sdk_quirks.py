@@ -105,7 +105,7 @@ class _HttpxWithOneTlsContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(ORIGINAL_HTTPX, name)
 
-    def AsyncClient(self, *args: Any, **kwargs: Any) -> httpx.AsyncClient:  # noqa: N802
+    def AsyncClient(self, *args: Any, **kwargs: Any) -> httpx.AsyncClient:
         kwargs.setdefault("verify", self._context)
         return ORIGINAL_HTTPX.AsyncClient(*args, **kwargs)
 
