@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -174,6 +177,68 @@ def test_sdk_still_builds_a_tls_context_per_client(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ably_http, "httpx", sdk_quirks.ORIGINAL_HTTPX)
     clients = [AblyRest(key="app.key:secret") for _ in range(2)]
     assert _tls_context(clients[0]) is not _tls_context(clients[1])
+
+
+@pytest.fixture
+def tls_proxy_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context with a self-signed certificate for 127.0.0.1 (the openssl
+    command makes it), and the certificate's file."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, cert
+
+
+def _websocket_tls_context(client: Any) -> Any:
+    websocket = client.connection.connection_manager.transport.websocket
+    return websocket.transport.get_extra_info("ssl_object").context
+
+
+async def test_connections_over_tls_dial_with_the_one_context(
+    local_ably: LocalAbly, tls_proxy_context: tuple[ssl.SSLContext, Path]
+) -> None:
+    server_context, cert = tls_proxy_context
+    sdk_quirks.TLS.context.load_verify_locations(cert)  # this process trusts the test CA
+    async with FaultProxy(local_ably.endpoint, ssl_context=server_context) as proxy:
+        clients = [realtime_client(local_ably.key, proxy.endpoint) for _ in range(2)]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.connection.once_async("connected") for c in clients)), 10
+            )
+            assert {id(_websocket_tls_context(c)) for c in clients} == {id(sdk_quirks.TLS.context)}
+            assert isinstance(await clients[0].time(), int)  # REST over https: the same
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_sdk_still_dials_wss_with_a_new_tls_context_each_time(
+    local_ably: LocalAbly,
+    tls_proxy_context: tuple[ssl.SSLContext, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ably.transport import websockettransport
+
+    server_context, cert = tls_proxy_context
+    sdk_quirks.TLS.context.load_verify_locations(cert)  # the REST calls' (token requests)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # what a fresh default context trusts
+    monkeypatch.setattr(websockettransport, "ws_connect", sdk_quirks.ORIGINAL_DIAL)
+    async with FaultProxy(local_ably.endpoint, ssl_context=server_context) as proxy:
+        clients = [realtime_client(local_ably.key, proxy.endpoint) for _ in range(2)]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.connection.once_async("connected") for c in clients)), 10
+            )
+            contexts = [_websocket_tls_context(c) for c in clients]
+            assert contexts[0] is not contexts[1]
+            assert sdk_quirks.TLS.context not in contexts
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
 
 
 # --- the lean append --------------------------------------------------------------------

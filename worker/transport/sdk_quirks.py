@@ -7,7 +7,7 @@ no longer needs it, so it can be deleted then.
 
 from __future__ import annotations
 
-import functools
+import ssl
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -82,8 +82,16 @@ def _fix_null_encoding() -> None:
     EncodeDataMixin.decode = staticmethod(decode)
 
 
-def _no_deflate() -> None:
-    """Dial without per-message deflate.
+def _dial(uri: str, **kwargs: Any) -> Any:
+    """`websockets.connect` as the SDK calls it, with the two corrections below."""
+    kwargs.setdefault("compression", None)
+    if uri.startswith("wss:"):
+        kwargs.setdefault("ssl", TLS.context)
+    return ORIGINAL_DIAL(uri, **kwargs)
+
+
+def _lean_dial() -> None:
+    """Dial without per-message deflate, and (`wss://`) with the one TLS context.
 
     ably-python dials with `websockets.connect`'s default, `compression="deflate"`, so
     any server that agrees compresses every frame both ways. The worker's frames are
@@ -91,22 +99,39 @@ def _no_deflate() -> None:
     2.5 % of the worker's CPU at 64 answers where it was agreed (issue 15's profile,
     through the fault proxy, whose aiohttp server agrees; Sockudo 5.2 itself does not).
     Ably's protocol does not need it.
+
+    For `wss://`, websockets makes a TLS context per dial (`ssl.create_default_context`)
+    unless given one: what `_one_tls_context` spares the REST calls, paid again at every
+    dial of every connection, and held for the connection's life.
     """
-    websockettransport.ws_connect = functools.partial(ORIGINAL_DIAL, compression=None)
+    websockettransport.ws_connect = _dial
+
+
+class _OneTlsContext:
+    """The TLS context every Ably client shares, made on first use (httpx's: its CA
+    settings, `SSL_CERT_FILE`...)."""
+
+    _context: ssl.SSLContext | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        if self._context is None:
+            self._context = ORIGINAL_HTTPX.create_ssl_context()
+        return self._context
+
+
+TLS = _OneTlsContext()
 
 
 class _HttpxWithOneTlsContext:
     """`httpx` as ably-python's REST layer sees it: the same module, except that its
-    clients verify TLS with one context (its own CA settings: `SSL_CERT_FILE`...)."""
-
-    def __init__(self) -> None:
-        self._context = ORIGINAL_HTTPX.create_ssl_context()
+    clients verify TLS with the one context."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(ORIGINAL_HTTPX, name)
 
     def AsyncClient(self, *args: Any, **kwargs: Any) -> httpx.AsyncClient:
-        kwargs.setdefault("verify", self._context)
+        kwargs.setdefault("verify", TLS.context)
         return ORIGINAL_HTTPX.AsyncClient(*args, **kwargs)
 
 
@@ -223,7 +248,7 @@ def apply() -> None:
         return
     _fix_realtime_port()
     _fix_null_encoding()
-    _no_deflate()
+    _lean_dial()
     _no_reauth_for_rest_calls()
     _one_tls_context()
     _applied = True

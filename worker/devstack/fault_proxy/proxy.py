@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 import aiohttp
 from aiohttp import web
@@ -65,8 +66,10 @@ class FaultProxy(InProcessServer):
         latency_ms: float = 0.0,
         enforce_rate_limits: bool = False,
         limits: RateLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.upstream = URL(upstream.rstrip("/"))
+        self.ssl_context = ssl_context  # serve https and wss (with this certificate)
         self.host, self.port = host, port
         self.enforce_rate_limits = enforce_rate_limits
         self.faults = Faults(latency_ms=latency_ms)
@@ -78,7 +81,7 @@ class FaultProxy(InProcessServer):
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     # -- faults and figures ------------------------------------------------------------
 
@@ -125,7 +128,10 @@ class FaultProxy(InProcessServer):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = int(sock.getsockname()[1])
-        await web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG).start()
+        site = web.SockSite(
+            self._runner, sock, backlog=LISTEN_BACKLOG, ssl_context=self.ssl_context
+        )
+        await site.start()
 
     async def stop(self) -> None:
         for bridge in list(self._bridges):
