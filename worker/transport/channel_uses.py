@@ -27,9 +27,6 @@ class ChannelUses:
         self._count[key] = self._count.get(key, 0) + 1
         return client.channels.get(name)
 
-    def users(self, client: Any, name: str) -> int:
-        return self._count.get((id(client), name), 0)
-
     async def give_back(self, client: Any, name: str) -> None:
         """One use less; the last one detaches the channel and releases it."""
         key = (id(client), name)
