@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 from ably.types.message import Message, MessageAction
+from structlog.testing import capture_logs
 
 from tests import test_conformance_ablyjs
 from tests.ably_helpers import wait_for
 from tests.worker_harness import Stack, running_worker
+from worker.devstack.fault_proxy import FaultProxy
 from worker.devstack.openai_local import answer_text
 from worker.jobs import Job
 from worker.redis_client import connect_redis
@@ -182,6 +184,28 @@ async def test_an_ait_answer_too_long_to_resend_closes_with_an_empty_append(
     assert len(expected.encode()) > 60_000 and appended == expected
     found = await lookup.response_state(stack.rest().channels.get(channel_name), close.serial)
     assert found is not None and found.text == expected
+
+
+async def test_an_ait_answer_asks_the_model_while_its_run_start_is_on_its_way(
+    stack: Stack, channel_name: str
+) -> None:
+    """The model's own delay overlaps the `ai-run-start` round trip (and the create's):
+    with a slow Ably, the model is asked before the run has started."""
+    text = prompt("asked early")
+    job = Job(channel=channel_name, input=text, wire="ait", user_client_id="alice")
+    async with FaultProxy(stack.ably.endpoint) as proxy:
+        with capture_logs() as logs:
+            async with running_worker(stack.settings(ably_endpoint=proxy.endpoint)):
+                await wait_for(lambda: any(e["event"] == "worker.started" for e in logs))
+                proxy.set_latency(1000)
+                await stack.enqueue(job)
+                await wait_for(lambda: stack.openai.attempts(text) == 1, what="the model asked")
+                assert not [e for e in logs if e["event"] == "ait.run_started"]
+                await stack.wait_state(job.id, "completed", timeout=30)
+    assert [e["event"] for e in logs if e["event"].startswith("ait.run_")] == [
+        "ait.run_started",
+        "ait.run_ended",
+    ]
 
 
 async def test_a_failed_ait_job_closes_its_output_and_ends_the_run_with_an_error(

@@ -307,6 +307,11 @@ class Progress:
         )
 
 
+def _resuming(delivery: Delivery) -> bool:
+    """An attempt that may find its answer's message (or model response) already begun."""
+    return delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
+
+
 class JobRunner:
     def __init__(
         self,
@@ -494,11 +499,21 @@ class JobRunner:
     ) -> Ending:
         """Stream the answer; says how it ended and never raises (but a foreign cancel)."""
         deadline = asyncio.timeout(self.timeout_s)
+        # A fresh answer asks the model first: the request is on its way while the run
+        # starts and the message is created and its serial saved. Not a resumed one (it
+        # may continue a recorded response instead), nor a background response, which
+        # would live on upstream if abandoned here.
+        prefetched = (
+            None
+            if _resuming(delivery) or self.model.background
+            else Prefetched(self.model.stream(job))
+        )
         try:
             async with deadline:
                 if lifecycle is not None and not lifecycle.started:
                     await lifecycle.start()  # before the answer's message exists
-                return await self._stream(delivery, job, publisher, figures, progress)
+                return await self._stream(delivery, job, publisher, figures, progress,
+                                          prefetched)  # fmt: skip
         except asyncio.CancelledError:
             if control.reason is None:
                 raise  # not ours to absorb
@@ -515,6 +530,8 @@ class JobRunner:
             return Failure(f"{type(exc).__name__}: {exc}")
         finally:
             control.finishing = True
+            if prefetched is not None:  # however the attempt ends: no request left open
+                await prefetched.aclose()
 
     async def _stream(
         self,
@@ -523,44 +540,32 @@ class JobRunner:
         publisher: Publisher,
         figures: Figures,
         progress: Progress,
+        prefetched: Prefetched | None,
     ) -> Ending:
-        resuming = (
-            delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
-        )
-        # A fresh answer asks the model first: the request is on its way while the
-        # message is created and its serial saved. Not a resumed one (it may continue a
-        # recorded response instead), nor a background response, which would live on
-        # upstream if abandoned here.
-        prefetched = (
-            None if resuming or self.model.background else Prefetched(self.model.stream(job))
-        )
-        try:
-            recorded = Recorded.of(await self.queue.status(delivery.job_id)) if resuming else None
-            if recorded is not None:
-                serial = delivery.response_serial
-                if serial is not None:
-                    continued = await self._continue(serial, publisher, figures, progress, recorded)
-                    if continued is not None:
-                        return continued
-                # Forget the response before the message is reset: a record never names a
-                # response whose text the message does not hold.
-                if not await self.queue.record_progress(delivery, None):
-                    return Fenced("record_progress")
-            finished = await publisher.open(delivery.response_serial, resuming=resuming)
-            if finished is not None:
-                return FoundFinished(finished)
-            serial = publisher.serial
-            if serial is not None and serial != delivery.response_serial:
-                if not await self.queue.set_response_serial(delivery, serial):
-                    return Fenced("set_response_serial")
-            log.info("job.started", response_serial=serial,
-                     reopened=serial == delivery.response_serial)  # fmt: skip
-            events = prefetched if prefetched is not None else self.model.stream(job)
-            ending = await self._consume(events, publisher, figures, progress)
-            return Failure(ending.reason) if isinstance(ending, Gone) else ending
-        finally:
-            if prefetched is not None:  # however the attempt ends: no request left open
-                await prefetched.aclose()
+        resuming = _resuming(delivery)
+        recorded = Recorded.of(await self.queue.status(delivery.job_id)) if resuming else None
+        if recorded is not None:
+            serial = delivery.response_serial
+            if serial is not None:
+                continued = await self._continue(serial, publisher, figures, progress, recorded)
+                if continued is not None:
+                    return continued
+            # Forget the response before the message is reset: a record never names a
+            # response whose text the message does not hold.
+            if not await self.queue.record_progress(delivery, None):
+                return Fenced("record_progress")
+        finished = await publisher.open(delivery.response_serial, resuming=resuming)
+        if finished is not None:
+            return FoundFinished(finished)
+        serial = publisher.serial
+        if serial is not None and serial != delivery.response_serial:
+            if not await self.queue.set_response_serial(delivery, serial):
+                return Fenced("set_response_serial")
+        log.info("job.started", response_serial=serial,
+                 reopened=serial == delivery.response_serial)  # fmt: skip
+        events = prefetched if prefetched is not None else self.model.stream(job)
+        ending = await self._consume(events, publisher, figures, progress)
+        return Failure(ending.reason) if isinstance(ending, Gone) else ending
 
     async def _continue(
         self,
