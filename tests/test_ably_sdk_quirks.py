@@ -16,6 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ably import AblyException
+from httpx_aiohttp import AiohttpTransport
 
 from worker.devstack.ably import LocalAbly
 from worker.devstack.fault_proxy import FaultProxy
@@ -155,8 +157,15 @@ async def test_sdk_still_offers_deflate(
 # --- one TLS context ----------------------------------------------------------------------
 
 
+def _rest_transport(client: Any) -> Any:
+    return client.http._Http__client._transport
+
+
 def _tls_context(client: Any) -> Any:
-    return client.http._Http__client._transport._pool._ssl_context
+    transport = _rest_transport(client)
+    if isinstance(transport, AiohttpTransport):
+        return transport.ssl_context
+    return transport._pool._ssl_context  # httpx's own transport (the SDK's)
 
 
 async def test_worker_clients_share_one_tls_context_and_still_make_rest_calls(
@@ -177,6 +186,38 @@ def test_sdk_still_builds_a_tls_context_per_client(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ably_http, "httpx", sdk_quirks.ORIGINAL_HTTPX)
     clients = [AblyRest(key="app.key:secret") for _ in range(2)]
     assert _tls_context(clients[0]) is not _tls_context(clients[1])
+
+
+async def test_rest_calls_go_over_aiohttp_and_read_what_they_did(
+    local_ably: LocalAbly, channel_name: str
+) -> None:
+    """History, `get_message` and an error status read the same over the lean transport:
+    what the SDK's REST layer builds on (status, headers, body, errors) is unchanged."""
+    client = realtime_client(local_ably.key, local_ably.endpoint)
+    try:
+        assert isinstance(_rest_transport(client), AiohttpTransport)
+        channel = client.channels.get(channel_name)
+        sent = await channel.publish("response", "hello over aiohttp")
+        page = await channel.history(direction="backwards", limit=10)
+        assert [m.data for m in page.items] == ["hello over aiohttp"]
+        found = await channel.get_message(sent.serials[0])
+        assert found.data == "hello over aiohttp"
+        with pytest.raises(AblyException) as refused:
+            await client.channels.get(f"{channel_name}-none").get_message("no-such-serial")
+        assert refused.value.status_code == 404
+    finally:
+        await client.close()
+
+
+def test_sdk_still_sends_rest_calls_over_httpx_own_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ably import AblyRest
+    from ably.http import http as ably_http
+
+    monkeypatch.setattr(ably_http, "httpx", sdk_quirks.ORIGINAL_HTTPX)
+    transport = _rest_transport(AblyRest(key="app.key:secret"))
+    assert isinstance(transport, sdk_quirks.ORIGINAL_HTTPX.AsyncHTTPTransport)
 
 
 @pytest.fixture

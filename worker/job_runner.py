@@ -378,9 +378,7 @@ class JobRunner:
         opened: Publisher | None = None
         publisher = self.make_publisher(job, delivery, lease, alive)
         lifecycle = self._lifecycle(job, delivery, lease, alive)
-        resuming = (
-            delivery.attempt > 1 or delivery.reclaimed or delivery.response_serial is not None
-        )
+        resuming = _resuming(delivery)
         try:
             async with asyncio.timeout(self.timeout_s):
                 if lifecycle is not None and not lifecycle.started:

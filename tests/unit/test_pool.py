@@ -170,3 +170,17 @@ async def test_an_answer_goes_on_the_connection_its_channel_session_listens_on_w
     pool.release(first)
     assert pool.client_streaming("chat:a") is None  # no answer on it any more
     assert pool.acquire("chat:d", prefer=listener).client is listener  # room again
+
+
+async def test_closing_the_pool_closes_the_clients_it_replaced_too(
+    make_pool: Callable[..., ConnectionPool],
+) -> None:
+    """A recycled client waits `RETIRE_AFTER_S` to be closed; a pool closed before then
+    (a drain, a test) closes it with the others, not leaving its connection open."""
+    pool = make_pool(concurrency=6, streams_per_connection=3)
+    replaced = pool.clients[1]
+    replaced.connect()
+    pool.recycle(1, replaced, "no acknowledgement")
+    assert pool.clients[1] is not replaced
+    await pool.close()
+    assert replaced.connection.state == "closed"

@@ -103,7 +103,7 @@ class ConnectionPool:
         self._started = False  # wait_connected has run: replacements connect at once
         self.clients = [self._new_client(slot) for slot in range(size)]
         self.on_recycle: list[Callable[[int], None]] = []  # told the slot of a new client
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], Any] = {}  # replaced clients, to close
         self.active = [0] * size
         # A burst of 5 over a rate of 44 (+ presence, at most 1/s) keeps a one-second window at 50.
         self.budgets = [Budget(messages_per_second, BURST) for _ in range(size)]
@@ -188,8 +188,8 @@ class ConnectionPool:
         self.clients[slot] = self._new_client(slot)
         log.warning("ably.connection_recycled", slot=slot, reason=why)
         task = asyncio.get_running_loop().create_task(self._retire(slot, client))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = client
+        task.add_done_callback(self._retired)
         for listener in self.on_recycle:
             listener(slot)
 
@@ -203,10 +203,16 @@ class ConnectionPool:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), 2.0)
 
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+
     async def close(self) -> None:
+        # The replaced clients still waiting to retire are closed now, with the rest.
+        retiring = list(self._retiring.values())
         for task in list(self._retiring):
             task.cancel()
-        await asyncio.gather(*(self._close_one(c) for c in self.clients), return_exceptions=True)
+        clients = [*self.clients, *retiring]
+        await asyncio.gather(*(self._close_one(c) for c in clients), return_exceptions=True)
 
     @staticmethod
     async def _close_one(client: Any) -> None:
