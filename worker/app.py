@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import threading
@@ -14,7 +13,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from worker import eventloop
+from worker import eventloop, gc_tuning
 from worker.job_runner import JobRunner
 from worker.logs import get_logger
 from worker.model import Model, make_client
@@ -33,7 +32,6 @@ from worker.transport.pool import ConnectionPool
 log = get_logger("worker")
 
 ABLY_CONNECT_TIMEOUT_S = 30.0
-GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
 
 
 class StartupError(RuntimeError):
@@ -207,7 +205,7 @@ async def serve(
             background=settings.model_background,
         )
         await pool.wait_connected(wait_connected)
-        tune_gc()
+        gc_tuning.tune()
         runner = JobRunner(
             queue, model, timeout_s=settings.job_timeout_seconds,
             wire_protocol=settings.wire_protocol,
@@ -241,16 +239,6 @@ async def serve(
         closing = asyncio.gather(*closings, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(closing, ShutdownBudget().step_s)
-
-
-def tune_gc() -> None:
-    """Keep the garbage collector's pauses off the streams. Everything made at the start
-    (modules, clients, connections) lives for good: frozen, the full collections never
-    walk it again. And young collections come less often: answers make many short-lived
-    objects that reference counting frees anyway."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _exit_if_overrun(stop: asyncio.Event, budget: ShutdownBudget, armed: bool) -> None:

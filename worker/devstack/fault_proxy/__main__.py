@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from worker import gc_tuning
 from worker.devstack.fault_proxy import FaultProxy
 from worker.devstack.processes import stop_on_signals
 
@@ -13,6 +14,7 @@ from worker.devstack.processes import stop_on_signals
 async def _serve(proxy: FaultProxy) -> None:
     stop = stop_on_signals()
     async with proxy:
+        gc_tuning.tune()  # every frame of every connection goes through here
         print(
             f"fault proxy ready: ABLY_ENDPOINT={proxy.endpoint} -> {proxy.upstream} "
             f"(control: {proxy.endpoint}/_proxy/)",

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 
+from worker import gc_tuning
 from worker.devstack.openai_local.options import ServerConfig
 from worker.devstack.openai_local.server import OpenAILocalServer
 from worker.devstack.processes import stop_on_signals
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 async def serve(config: ServerConfig) -> None:
     stop = stop_on_signals()
     async with OpenAILocalServer(config) as server:
+        gc_tuning.tune()  # every answer's stream comes from here
         print(server.base_url, flush=True)
         await stop.wait()
 
