@@ -282,6 +282,77 @@ async def test_sdk_still_dials_wss_with_a_new_tls_context_each_time(
             await asyncio.gather(*(c.close() for c in clients))
 
 
+# --- one idle timer ---------------------------------------------------------------------
+
+
+async def _connected(client: Any) -> Any:
+    await asyncio.wait_for(client.connection.once_async("connected"), 10)
+    return client.connection.connection_manager.transport
+
+
+async def _publish_some(client: Any, channel_name: str, count: int) -> None:
+    channel = client.channels.get(channel_name)
+    for i in range(count):
+        await channel.publish("m", f"message {i}")  # each ACK is activity
+
+
+async def test_a_connection_keeps_one_idle_timer_while_messages_arrive(
+    local_ably: LocalAbly, channel_name: str
+) -> None:
+    client = realtime_client(local_ably.key, local_ably.endpoint)
+    try:
+        transport = await _connected(client)
+        armed = transport.idle_timer
+        await _publish_some(client, channel_name, 20)
+        assert transport.idle_timer is armed
+    finally:
+        await client.close()
+
+
+async def test_sdk_still_makes_an_idle_timer_per_message_received(
+    local_ably: LocalAbly, channel_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ably.transport.websockettransport import WebSocketTransport
+
+    monkeypatch.setattr(WebSocketTransport, "on_activity", sdk_quirks.ORIGINAL_ON_ACTIVITY)
+    client = realtime_client(local_ably.key, local_ably.endpoint)
+    try:
+        transport = await _connected(client)
+        seen = set()
+        for _ in range(5):
+            await _publish_some(client, channel_name, 1)
+            seen.add(id(transport.idle_timer._task))
+        assert len(seen) == 5
+    finally:
+        await client.close()
+
+
+async def test_a_silent_connection_is_still_given_up_and_a_busy_one_is_not(
+    local_ably: LocalAbly, channel_name: str
+) -> None:
+    """With an idle interval of 0.3 s: a second of traffic keeps the connection (the
+    timer fires and re-arms for what remains); then a black hole, where nothing comes,
+    ends it as the SDK would (disconnected, then it reconnects)."""
+    async with FaultProxy(local_ably.endpoint) as proxy:
+        client = realtime_client(local_ably.key, proxy.endpoint)
+        try:
+            transport = await _connected(client)
+            transport.idle_timer.cancel()
+            transport.idle_timer, transport.max_idle_interval = None, 300
+            transport.on_activity()
+            states: list[str] = []
+            client.connection.on(lambda change: states.append(change.current.value))
+            for _ in range(10):
+                await _publish_some(client, channel_name, 1)
+                await asyncio.sleep(0.1)
+            assert states == []  # busy: never given up
+            proxy.blackhole(3.0)
+            await asyncio.sleep(1.5)
+            assert "disconnected" in states, states
+        finally:
+            await client.close()
+
+
 # --- the lean append --------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from ably.types.connectionstate import ConnectionState
 from ably.types.message import Message
 from ably.types.mixins import EncodeDataMixin
 from ably.types.operations import UpdateDeleteResult
+from ably.util.helper import unix_time_ms
 from httpx_aiohttp import AiohttpTransport
 from websockets.protocol import State
 
@@ -34,6 +35,7 @@ ORIGINAL_DIAL = websockettransport.ws_connect  # `websockets.connect`, as the SD
 ORIGINAL_ON_AUTH_UPDATED = ConnectionManager.on_auth_updated
 ORIGINAL_TRANSPORT_AUTH = Auth.get_auth_transport_param
 ORIGINAL_HTTPX = ably_http.httpx  # the module, as the SDK's REST layer sees it
+ORIGINAL_ON_ACTIVITY = WebSocketTransport.on_activity
 
 
 def realtime_url_with_port(ws_url: str, options: Any) -> str:
@@ -157,6 +159,30 @@ def _lean_rest_calls() -> None:
     ably_http.httpx = _HttpxOverAiohttp()
 
 
+def _one_idle_timer() -> None:
+    """Arm the connection's idle timer once, not again for every message received.
+
+    On every protocol message received (each ACK, each message), the SDK cancels its idle
+    timer and makes a new one: a task, a sleep and a timer handle, and for the cancelled
+    one a `CancelledError` whose traceback holds its frames in a reference cycle. At 160
+    answers that was 3,700 cancelled timers in every two seconds: CPU, and cyclic garbage
+    that made young collections of 40,000 objects pause the streams 75 to 150 ms. Now an
+    activity only notes its time and arms the timer if none is armed; when it fires, the
+    SDK's own handler (`on_idle_timer_expire`) re-arms it for the time that remains after
+    the last activity, or gives the connection up as before: dropped once nothing came for
+    the connection's `maxIdleInterval` (plus Ably's realtime request timeout and 100 ms).
+    """
+
+    def on_activity(self: WebSocketTransport) -> None:
+        if not self.max_idle_interval:
+            return
+        self.last_activity = unix_time_ms()
+        if self.idle_timer is None:
+            self.set_idle_timer(self.max_idle_interval + 100)
+
+    WebSocketTransport.on_activity = on_activity
+
+
 # --- a lean append (not a patch: called by name) -----------------------------------------
 
 BACKED_UP_BYTES = 64 * 1024  # more unsent than this on the socket: the SDK's path, which drains
@@ -262,4 +288,5 @@ def apply() -> None:
     _lean_dial()
     _no_reauth_for_rest_calls()
     _lean_rest_calls()
+    _one_idle_timer()
     _applied = True
