@@ -136,6 +136,8 @@ async def test_logs_are_json_lines_with_figures_and_never_a_key(
     stats = [e for e in events if e["event"] == "worker.stats"][-1]
     assert (stats["waiting"], stats["pending"], stats["in_flight"], stats["dead"]) == (0, 0, 0, 0)
     assert "lag_s" in stats and stats["live_workers"] >= 1
+    # The collector's pauses, measured since the last line (the worker tunes it at start).
+    assert stats["gc_collections"] >= 0 and stats["gc_pause_ms"] >= stats["gc_pause_max_ms"] >= 0
     secret = stack.ably.key.split(":")[1]
     assert secret not in stderr.decode() and stack.openai.api_key not in stderr.decode()
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from worker import __version__
+from worker import __version__, gc_tuning
 from worker.job_runner import JobControl, JobRunner, StopReason
 from worker.lease import ProcessLease
 from worker.logs import bind_job, get_logger
@@ -488,7 +488,8 @@ class Worker:
         stats = await self.queue.stats()
         log.info("worker.stats", in_flight=len(self.running), waiting=stats.waiting,
                  pending=stats.pending, delayed=stats.delayed, dead=stats.dead,
-                 live_workers=len(stats.workers), lag_s=stats.oldest_waiting_age_s)  # fmt: skip
+                 live_workers=len(stats.workers), lag_s=stats.oldest_waiting_age_s,
+                 **gc_tuning.PAUSES.take())  # fmt: skip
 
     def _on_recycle(self, slot: int) -> None:
         if slot == 0 and self.presence is not None:  # presence lives on the first client
