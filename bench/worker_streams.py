@@ -103,6 +103,7 @@ import aiohttp
 from cpu_clock import process_cpu_s, system_busy_s  # bench/, the script's folder
 from json_child import JsonChild
 
+from worker import eventloop
 from worker.app import serve
 from worker.devstack.ably import LocalAbly
 from worker.devstack.openai_local.text import answer_text, answer_tokens, delta_groups
@@ -798,6 +799,7 @@ class Bench:
             "key": self.s.ably.key,
             "endpoint": self.s.ably.endpoint,
             "channels_per_connection": self.args.channels_per_connection,
+            "event_loop": self.args.harness_loop,
         }
         subscribers: list[JsonChild] = []
         try:
@@ -1269,6 +1271,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-log-level", default="INFO", help="the worker's LOG_LEVEL")
     p.add_argument("--worker-log", default=os.devnull, help="file for the worker's JSON log lines")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--harness-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop of the local model server, the fault proxy and the subscribers",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.set_defaults(proxy_port=0)
     args = p.parse_args(argv)
@@ -1308,6 +1316,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "worker": worker,
         "tokens": args.tokens,
         "tokens_per_second": args.tokens_per_second,
+        "harness_loop": args.harness_loop,
         "first_token_ms": args.first_token_ms,
         "streams_per_connection": args.streams_per_connection
         or defaults["streams_per_connection"].default,
@@ -1369,6 +1378,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "--tokens", str(args.tokens),
                 "--tokens-per-second", str(args.tokens_per_second),
                 "--first-token-ms", str(args.first_token_ms),
+                "--event-loop", args.harness_loop,
                 ready="http",
             )
         )  # fmt: skip
@@ -1376,6 +1386,7 @@ async def amain(args: argparse.Namespace) -> int:
             helper_process(
                 "worker.devstack.fault_proxy", "--upstream", ably.endpoint,
                 "--port", str(args.proxy_port), "--enforce-rate-limits",
+                "--event-loop", args.harness_loop,
                 ready="fault proxy ready",
             )
         )  # fmt: skip
@@ -1439,7 +1450,9 @@ def run_script(amain: Callable[[argparse.Namespace], Awaitable[int]], args: Any)
         quiet_sdk_logs()
     try:
         with open(args.worker_log, "a") as args.log_stream:
-            return asyncio.run(amain(args))
+            # The subscribers stand in for browsers: the loop they run on is the harness's.
+            loop = json.loads(args.child).get("event_loop", "uvloop") if args.child else "asyncio"
+            return eventloop.run(amain(args), loop)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
 

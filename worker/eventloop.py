@@ -9,14 +9,16 @@ or to compare the two side by side.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 T = TypeVar("T")
+Kind = Literal["uvloop", "asyncio"]
 
 
-def run(main: Coroutine[Any, Any, T], kind: Literal["uvloop", "asyncio"] = "uvloop") -> T:
+def run(main: Coroutine[Any, Any, T], kind: Kind = "uvloop") -> T:
     """`asyncio.run(main)` on the chosen loop (uvloop where it is installed)."""
     if kind == "uvloop":
         try:
@@ -25,6 +27,13 @@ def run(main: Coroutine[Any, Any, T], kind: Literal["uvloop", "asyncio"] = "uvlo
             return asyncio.run(main)
         return uvloop.run(main)
     return asyncio.run(main)
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """`--event-loop` for the local servers: uvloop by default, like the worker (every
+    frame of every stream passes through them, and on one machine their loops' CPU is
+    taken from the worker's), asyncio's own to compare."""
+    parser.add_argument("--event-loop", choices=get_args(Kind), default="uvloop")
 
 
 def name() -> str:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from worker import gc_tuning
+from worker import eventloop, gc_tuning
 from worker.devstack.fault_proxy import FaultProxy
 from worker.devstack.processes import stop_on_signals
 
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="refuse with NACK 42911 what would exceed 50 messages/s per connection or channel",
     )
+    eventloop.add_argument(parser)
     args = parser.parse_args(argv)
     proxy = FaultProxy(
         args.upstream,
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_ms=args.latency_ms,
         enforce_rate_limits=args.enforce_rate_limits,
     )
-    asyncio.run(_serve(proxy))
+    eventloop.run(_serve(proxy), args.event_loop)
     return 0
 
 

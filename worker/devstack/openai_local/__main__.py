@@ -6,16 +6,15 @@ Prints its base URL (for OPENAI_BASE_URL) on one line once it is listening.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from worker import gc_tuning
+from worker import eventloop, gc_tuning
 from worker.devstack.openai_local.options import ServerConfig
 from worker.devstack.openai_local.server import OpenAILocalServer
 from worker.devstack.processes import stop_on_signals
 
 
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, eventloop.Kind]:
     parser = argparse.ArgumentParser(
         prog="python -m worker.devstack.openai_local",
         description="A local OpenAI-compatible server (Responses and Chat Completions).",
@@ -32,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--retry-after", type=float, default=defaults.retry_after_s)
     parser.add_argument("--batch-interval-ms", type=float, default=defaults.batch_interval_ms)
     parser.add_argument("--store-size", type=int, default=defaults.store_size)
+    eventloop.add_argument(parser)
     args = parser.parse_args(argv)
-    return ServerConfig(
+    config = ServerConfig(
         host=args.host,
         port=args.port,
         tokens=args.tokens,
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         batch_interval_ms=args.batch_interval_ms,
         store_size=args.store_size,
     )
+    return config, args.event_loop
 
 
 async def serve(config: ServerConfig) -> None:
@@ -55,7 +56,8 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    asyncio.run(serve(parse_args(argv)))
+    config, loop = parse_args(argv)
+    eventloop.run(serve(config), loop)
     return 0
 
 
