@@ -93,6 +93,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -1273,7 +1274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--harness-loop",
-        choices=("uvloop", "asyncio"),
+        choices=typing.get_args(eventloop.Kind),
         default="uvloop",
         help="the event loop of the local model server, the fault proxy and the subscribers",
     )
