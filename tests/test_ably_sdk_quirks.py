@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from ably import AblyException
+from ably.types.channelstate import ChannelState
 from httpx_aiohttp import AiohttpTransport
 
 from worker.devstack.ably import LocalAbly
 from worker.devstack.fault_proxy import FaultProxy
 from worker.transport import sdk_quirks
+from worker.transport.channel_uses import ChannelUses
 from worker.transport.client import realtime_client
 
 
@@ -511,3 +513,39 @@ async def test_sdk_still_reauthorises_the_connection_on_every_rest_call(
         assert await _updates_after_history(local_ably) == 3
     finally:
         ConnectionManager.on_auth_updated = ours  # type: ignore[method-assign]
+
+
+async def test_sdk_still_suspends_a_channel_attached_while_it_detaches(
+    ably_clients: Any, channel_name: str
+) -> None:
+    """The quirk `ChannelUses.ready` waits out: an attach during a detach raises a
+    TypeError (`raise None`) and leaves the channel SUSPENDED."""
+    channel = ably_clients().channels.get(channel_name)
+    await channel.attach()
+    detaching = asyncio.ensure_future(channel.detach())
+    await asyncio.sleep(0)  # the DETACH is sent
+    with pytest.raises(TypeError):
+        await channel.attach()
+    with contextlib.suppress(AblyException):
+        await detaching
+    assert channel.state == ChannelState.SUSPENDED
+
+
+async def test_a_use_taken_while_the_last_one_detaches_attaches_and_hears(
+    ably_clients: Any, ably_rest: Any, channel_name: str
+) -> None:
+    """An answer ends (its channel detaching) as the conversation's session takes the
+    channel: the session waits for the detach, then attaches and hears the channel."""
+    client, uses = ably_clients(), ChannelUses()
+    await uses.take(client, channel_name).attach()
+    giving_back = asyncio.ensure_future(uses.give_back(client, channel_name))
+    await asyncio.sleep(0)  # the DETACH is sent
+    channel = uses.take(client, channel_name)
+    await uses.ready(client, channel_name)
+    heard: asyncio.Queue[Any] = asyncio.Queue()
+    await channel.subscribe(heard.put_nowait)
+    await giving_back
+    assert channel.state == ChannelState.ATTACHED
+    await ably_rest.channels.get(channel_name).publish("prompt", "still heard")
+    message = await asyncio.wait_for(heard.get(), 10)
+    assert message.data == "still heard"

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from tests.ably_helpers import TextView
 from tests.worker_harness import Stack, running_worker, start_worker_process, subscriber
-from worker.devstack.openai_local import answer_text
+from worker.devstack.openai_local import OpenAILocalServer, answer_text
 from worker.jobs import Job
 
 pytestmark = pytest.mark.timeout(150)
@@ -396,6 +396,46 @@ async def test_an_idle_session_leaves_redis_alone(stack: Stack, channel_name: st
         before = await session_reads()
         await asyncio.sleep(2.0)
         assert await session_reads() - before <= 1
+
+
+async def test_a_follow_up_behind_an_answer_of_this_process_waits_without_polling(
+    stack: Stack, channel_name: str
+) -> None:
+    """The session is woken when its active answer, running in the same process, ends:
+    it reads nothing from Redis meanwhile (256 such sessions polled four times a second
+    cost a busy worker two thousand reads a second), and the follow-up is answered next."""
+    redis = stack.queue().redis
+
+    async def session_reads() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    first, follow_up = (f"{word} {uuid.uuid4().hex[:6]}" for word in ("question", "and then?"))
+    async with OpenAILocalServer(tokens_per_second=40, first_token_ms=20) as paced:
+        slow = Stack(stack.redis, stack.ably, paced, stack.prefix)  # answers of about 3 s
+        async with running_worker(slow.settings(listen_channels=channel_name)):
+            await served(stack, channel_name)
+            await ask(stack, channel_name, first, follow_up)
+            await wait_for_async(lambda: _one_running(stack, channel_name), 10, "an answer")
+            await asyncio.sleep(0.5)  # the session has seen the follow-up wait behind it
+            before = await session_reads()
+            await asyncio.sleep(1.0)
+            reads = await session_reads() - before
+            assert await _one_running(stack, channel_name), "the first answer ended too soon"
+            await wait_answered(stack, channel_name, 2)
+        sent = paced.last_request(follow_up)
+    assert reads <= 1, f"{reads} hash reads in 1 s while the answer streamed"
+    prompts, answers = await conversation(stack, channel_name)
+    assert_one_answer_each(prompts, answers)
+    record = await stack.status(prompts[0].id)
+    assert sent["previous_response_id"] == record["model_response_id"]
+
+
+async def _one_running(stack: Stack, channel: str) -> bool:
+    """The first prompt's answer streams (and the follow-up's has not started)."""
+    prompts, _ = await conversation(stack, channel)
+    states = [(await stack.status(p.id) or {}).get("state") for p in prompts]
+    return states[:1] == ["running"] and "completed" not in states
 
 
 def channel_objects(names: set[str]) -> int:

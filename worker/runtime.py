@@ -128,6 +128,7 @@ class Worker:
             asyncio.create_task(self._every(every.cancel_poll_s, self._poll_cancels, stop)),
         ]
         if self.sessions is not None:  # released at once on stop: a successor takes over
+            self.sessions.running_here = self.running.__contains__
             taking.append(asyncio.create_task(self.sessions.run(stop)))
         try:
             await self._take_until(stop)
@@ -250,8 +251,11 @@ class Worker:
         await self._stop_listening(client, channel)
 
     def _finished(self, job_id: str) -> None:
-        self.running.pop(job_id, None)
+        running = self.running.pop(job_id, None)
         self._slot_freed.set()
+        job = running.delivery.job if running is not None else None
+        if self.sessions is not None and job is not None:
+            self.sessions.job_ended(job.channel)
         self._set_in_flight()
 
     def _set_in_flight(self) -> None:
@@ -272,6 +276,7 @@ class Worker:
             self._on_cancel(channel_name, message)  # the SDK wants a plain function
 
         self._listening[key] = (1, listener)
+        await self.pool.uses.ready(client, channel_name)
         channel = client.channels.get(channel_name)
         await channel.subscribe(contract.CANCEL, listener)
         await channel.subscribe(ait.CANCEL, listener)

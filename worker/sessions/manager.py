@@ -54,6 +54,15 @@ class SessionManager:
         self.agent_ids = agent_ids
         self.sessions: dict[str, Session] = {}
         self._turns = itertools.count()  # round robin over the pool's connections
+        # Whether a job runs in this process (the runtime sets it): a session whose active
+        # answer runs here is woken by `job_ended` instead of polling Redis for its end.
+        self.running_here: Callable[[str], bool] = lambda _job_id: False
+
+    def job_ended(self, channel: str) -> None:
+        """A job of this process on `channel` has ended (its outcome written)."""
+        session = self.sessions.get(channel)
+        if session is not None:
+            session.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve sessions until `stop`; then release them all (others take over at once)."""
@@ -119,7 +128,8 @@ class SessionManager:
             or self.pool.clients[next(self._turns) % len(self.pool.clients)]
         )
         session = Session(channel, client, self.store, self.queue, self.options.session,
-                          self.agent_ids, self.pool.uses)  # fmt: skip
+                          self.agent_ids, self.pool.uses,
+                          lambda job_id: self.running_here(job_id))  # fmt: skip
         try:
             await asyncio.wait_for(session.start(), 10)
         except Exception as exc:

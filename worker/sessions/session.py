@@ -56,6 +56,7 @@ SEEN_SERIALS = 10_000
 PARTS_QUIET_S = 0.025  # an input's parts are all in once this passes without another
 HOLD_CANCEL_S = 30.0  # an `ai-cancel` for a job not known yet waits this long for it
 _RESUME = object()  # an inbox item: run the resume routine again
+_WAKE = object()  # an inbox item: this process's answer on the channel has ended
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class Session:
         options: SessionOptions,
         agent_ids: Callable[[], Awaitable[set[str]]],
         uses: ChannelUses,
+        running_here: Callable[[str], bool] = lambda _job_id: False,
     ) -> None:
         self.name = name
+        self.running_here = running_here
         self.uses = uses
         self.client = client
         self.store = store
@@ -97,12 +100,14 @@ class Session:
         # (or prompts waiting behind one). Only then does the session poll Redis: hundreds
         # of idle sessions polling 4 times a second cost a sixth of a busy worker's CPU.
         self._watching = True
+        self._active: str | None = None  # the answer the last `_advance` found active
 
     # -- life --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Attach and subscribe (holding live messages), then resume in the background."""
         self.channel = self.uses.take(self.client, self.name)
+        await self.uses.ready(self.client, self.name)
 
         def on_message(message: Any) -> None:
             if self._first_live is None:
@@ -121,6 +126,10 @@ class Session:
         self.channel.on(ChannelState.ATTACHED, on_attached)
         self.channel.on("update", on_attached)
         self._task = asyncio.create_task(self._run())
+
+    def wake(self) -> None:
+        """This process's answer on the channel ended: enqueue what waits behind it now."""
+        self._inbox.put_nowait(_WAKE)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -146,6 +155,8 @@ class Session:
                 continue
             if item is _RESUME:
                 await self._step(self._resume("reattached"))
+            elif item is _WAKE:
+                await self._step(self._advance())
             else:
                 await self._step(self._handle(item))
             if self._parts and time.monotonic() >= self._parts_due:
@@ -153,10 +164,15 @@ class Session:
 
     def _poll_s(self) -> float | None:
         """How long to wait for a message before checking on the session's own work: for
-        ever when there is none (nothing else changes its state)."""
+        ever when there is none (nothing else changes its state), or when the active answer
+        runs in this process (whose end wakes the session)."""
         if self._parts:
             return max(0.0, self._parts_due - time.monotonic())
-        return POLL_S if self._watching or self._held else None
+        if self._held:
+            return POLL_S
+        if not self._watching or (self._active is not None and self.running_here(self._active)):
+            return None
+        return POLL_S
 
     async def _step(self, work: Awaitable[None]) -> None:
         """One step; a failure (Redis or Ably away) is logged and the session goes on."""
@@ -166,7 +182,7 @@ class Session:
             log.warning(
                 "session.step_failed", channel=self.name, error=f"{type(exc).__name__}: {exc}"
             )
-            self._watching = True  # whatever the step left half done: check on it
+            self._watching, self._active = True, None  # whatever it left half done: check
             await asyncio.sleep(POLL_S)
 
     # -- the resume routine -------------------------------------------------------------
@@ -327,6 +343,7 @@ class Session:
         await self._retry_held()
         state = await self.store.state(self.name)
         self._watching = state.active is not None or bool(state.waiting)
+        self._active = state.active
         if state.active is not None:
             record = await self.queue.status(state.active) or {}
             if record.get("state") not in FINISHED and record:
@@ -334,7 +351,7 @@ class Session:
             if record.get("state") == "completed" and record.get("model_response_id"):
                 state.last_response_id = record["model_response_id"]
             await self.store.save(self.name, active=None, last_response_id=state.last_response_id)
-            self._watching = bool(state.waiting)
+            self._watching, self._active = bool(state.waiting), None
         if not state.waiting:
             return
         fields, rest = dict(state.waiting[0]), state.waiting[1:]
@@ -343,7 +360,7 @@ class Session:
         job = Job(**fields)
         new = await self.queue.enqueue(job)
         await self.store.save(self.name, active=job.id, waiting=rest)
-        self._watching = True
+        self._watching, self._active = True, job.id
         log.info("session.prompt_enqueued", channel=self.name, job_id=job.id, new=new,
                  chained=bool(job.previous_response_id) or isinstance(job.input, list))  # fmt: skip
 
