@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from worker.transport import sdk_quirks
+
 PAGE_SIZE = 100
 MAX_PAGES = 50  # 5,000 messages back at most: a session idle for long starts afresh
 
@@ -54,7 +56,7 @@ async def missed_since(
 ) -> Missed:
     """Messages after `checkpoint` and before the first live one (`live_from`)."""
     found: list[Any] = []
-    page = await channel.history(direction="backwards", limit=page_size)
+    page = await sdk_quirks.history(channel, direction="backwards", limit=page_size)
     pages = 1
     while True:
         reached = False
