@@ -145,3 +145,34 @@ def test_the_sse_parser_reads_every_line_ending(
     parser = SseParser()
     events = [event for chunk in chunks for event in parser.feed(chunk)] + parser.finish()
     assert events == expected
+
+
+async def test_an_answer_is_asked_for_straight_over_aiohttp_and_an_error_the_sdks_way(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's client posts a streamed request on its aiohttp session without the
+    SDK's request building (`worker.model_http`); a refused one is asked again through
+    the SDK, whose typed error (and retries) then apply."""
+    import httpx2
+
+    built: list[str] = []
+    original = httpx2.AsyncClient.build_request
+
+    def build_request(self: Any, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(str(url))
+        return original(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "build_request", build_request)
+    client = make_client(server.api_key, server.base_url, max_retries=0)
+    try:
+        answered = job({TOKENS: "20"})
+        events = [e async for e in Model(client, "local").stream(answered)]
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer_text(
+            str(answered.input), 20
+        )
+        assert built == []
+        refused = [e async for e in Model(client, "local").stream(job({FAIL: "500"}))]
+        assert isinstance(refused[-1], Failed) and "500" in refused[-1].error
+        assert [url.rsplit("/", 1)[-1] for url in built] == ["responses"]
+    finally:
+        await client.close()

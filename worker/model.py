@@ -27,6 +27,7 @@ import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from worker.jobs import Job
+from worker.model_http import posted_stream
 from worker.sse import json_events
 
 Event = dict[str, Any]  # one streamed event's JSON: only the fields read below matter
@@ -168,6 +169,20 @@ class Model:
             async with stream:
                 yield (event.to_dict() async for event in stream)
 
+    @contextlib.asynccontextmanager
+    async def _created(
+        self, resource: Any, path: str, body: dict[str, Any], **sdk_kwargs: Any
+    ) -> AsyncIterator[AsyncIterator[Event]]:
+        """A streamed `create`: `body` posted to `path` straight over the client's aiohttp
+        session when it can (`worker.model_http`), else the SDK's call with `sdk_kwargs`."""
+        if self.raw_events:
+            async with posted_stream(self.client, path, body) as events:
+                if events is not None:
+                    yield events
+                    return
+        async with self._events(resource, "create", **sdk_kwargs) as events:
+            yield events
+
     async def _responses(self, job: Job) -> AsyncIterator[ModelEvent]:
         args = self._responses_args(job)
         if self.background:
@@ -175,9 +190,10 @@ class Model:
         # The body as `extra_body`, which the SDK sends as it is: its typed parameters
         # go through a transform that hashes the API's large Union types key by key,
         # a fifth of the SDK's CPU per request, to change nothing in these plain values.
-        async with self._events(
-            self.client.responses, "create", stream=True, extra_body=args
-        ) as events:
+        async with self._created(
+            self.client.responses, "responses", {**args, "stream": True},
+            stream=True, extra_body=args,
+        ) as events:  # fmt: skip
             async for event in events:
                 if self.background and event.get("type") == "response.created":
                     yield Started(event["response"]["id"], event["sequence_number"])
@@ -241,9 +257,10 @@ class Model:
         args = self._chat_args(job)
         finish: str | None = None
         usage: Event = {}
-        async with self._events(
-            self.client.chat.completions, "create", **args, stream=True,
-            stream_options={"include_usage": True},
+        streaming = {"stream": True, "stream_options": {"include_usage": True}}
+        async with self._created(
+            self.client.chat.completions, "chat/completions", {**args, **streaming},
+            **args, **streaming,
         ) as chunks:  # fmt: skip
             async for chunk in chunks:
                 usage = chunk.get("usage") or usage

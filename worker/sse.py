@@ -13,7 +13,7 @@ a comment; `data` lines of one event are joined with LF; an empty line ends the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -73,29 +73,40 @@ class SseParser:
         return None
 
 
-async def json_events(response: Any) -> AsyncIterator[dict[str, Any]]:
+Event = dict[str, Any]
+
+
+def json_events(response: Any) -> AsyncIterator[Event]:
     """The JSON objects of a streamed OpenAI response (an `AsyncAPIResponse` from
-    `with_streaming_response`), until `[DONE]` or the end of the body.
+    `with_streaming_response`), until `[DONE]` or the end of the body."""
+    return events_of(_chunks(response), lambda: response.http_response.request)
+
+
+async def events_of(
+    chunks: AsyncIterator[bytes], request: Callable[[], httpx2.Request]
+) -> AsyncIterator[Event]:
+    """The JSON objects of a streamed body's `chunks`, until `[DONE]` or their end.
 
     Raises what the SDK's own stream raises: `openai.APIError` for an event whose data
-    carries an `error`, `APITimeoutError`/`APIConnectionError` when reading breaks."""
+    carries an `error` (`request` gives the request it names), and whatever `chunks`
+    raises when reading breaks (`APITimeoutError`/`APIConnectionError`)."""
     parser = SseParser()
-    async for chunk in _chunks(response):
+    async for chunk in chunks:
         for _, data in parser.feed(chunk):
             if data.startswith(b"[DONE]"):
                 return
-            yield _decoded(data, response)
+            yield _decoded(data, request)
     for _, data in parser.finish():
         if data.startswith(b"[DONE]"):
             return
-        yield _decoded(data, response)
+        yield _decoded(data, request)
 
 
-def _decoded(data: bytes, response: Any) -> dict[str, Any]:
+def _decoded(data: bytes, request: Callable[[], httpx2.Request]) -> Event:
     event = orjson.loads(data)
     if not isinstance(event, dict):
         raise openai.APIError("the model stream sent an event that is not an object",
-                              request=response.http_response.request, body=None)  # fmt: skip
+                              request=request(), body=None)  # fmt: skip
     error = event.get("error")
     if error:
         message = error.get("message") if isinstance(error, dict) else None
@@ -103,7 +114,7 @@ def _decoded(data: bytes, response: Any) -> dict[str, Any]:
             message
             if isinstance(message, str) and message
             else "An error occurred during streaming",
-            request=response.http_response.request,
+            request=request(),
             body=error,
         )
     return event
