@@ -1,10 +1,10 @@
 """Server-sent events read from raw bytes, the model stream's hot path.
 
 The `openai` SDK decodes every streamed event into a pydantic model, which was a quarter
-of the worker's CPU per token. The worker reads the same HTTP response's bytes instead
-(`with_streaming_response`: the SDK still makes the request, with its auth, retries and
-errors) and decodes each event's data with orjson. Only what the runtime needs is read
-from the result (`worker.model`).
+of the worker's CPU per token. The worker reads the HTTP response's bytes instead and
+decodes each event's data with orjson: a response its request got straight over aiohttp
+(`worker.model_http`), or the SDK's own (`with_streaming_response`, with its auth,
+retries and errors). Only what the runtime needs is read from the result (`worker.model`).
 
 The parsing follows the SSE spec's field rules: lines end in LF, CRLF or CR; `:` starts
 a comment; `data` lines of one event are joined with LF; an empty line ends the event.
