@@ -42,7 +42,7 @@ from worker.logs import get_logger
 from worker.queue import Queue
 from worker.sessions import conversation
 from worker.sessions.resume import Checkpoint, missed_since
-from worker.sessions.store import SessionStore
+from worker.sessions.store import SessionState, SessionStore
 from worker.transport import ait, contract, lookup
 from worker.transport.ait_lifecycle import RunLifecycle, find_input
 from worker.transport.channel_uses import ChannelUses
@@ -196,11 +196,13 @@ class Session:
         for message in missed.messages:
             kind = await self._process(message)
             counts[kind] += 1
+        unchanged = not missed.messages and not self._parts
         await self._flush_parts()
         log.info("session.resumed", channel=self.name, reason=reason, pages=missed.pages,
                  held=self._inbox.qsize(), ms=round((time.monotonic() - started) * 1000),
                  **counts)  # fmt: skip
-        await self._advance()
+        # Nothing missed (the usual catch-up): the state read above is still the state.
+        await self._advance(state if unchanged else None)
 
     # -- one message --------------------------------------------------------------------
 
@@ -338,10 +340,14 @@ class Session:
             log.warning("session.refusal_not_published", channel=self.name, job_id=run.job_id,
                         error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
-    async def _advance(self) -> None:
-        """If no answer is active, enqueue the next waiting prompt, chained to the last."""
-        await self._retry_held()
-        state = await self.store.state(self.name)
+    async def _advance(self, state: SessionState | None = None) -> None:
+        """If no answer is active, enqueue the next waiting prompt, chained to the last
+        (`state`: the session's state as just read, if nothing changed it since)."""
+        if self._held:
+            await self._retry_held()
+            state = None  # an applied cancel may have changed it
+        if state is None:
+            state = await self.store.state(self.name)
         self._watching = state.active is not None or bool(state.waiting)
         self._active = state.active
         if state.active is not None:
