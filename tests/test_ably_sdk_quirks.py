@@ -16,8 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from ably import AblyException
+from ably.realtime.connectionmanager import PendingMessage, PendingMessageQueue
+from ably.transport.websockettransport import ProtocolMessageAction, WebSocketTransport
 from ably.types.channelstate import ChannelState
 from httpx_aiohttp import AiohttpTransport
 
@@ -611,3 +614,89 @@ async def test_sdk_history_still_builds_each_request_through_httpx(
     built.clear()
     await sdk_quirks.history(channel, direction="backwards", limit=10)
     assert built == []
+
+
+# --- ACKs applied as read -------------------------------------------------------------------
+
+
+class _Frames:
+    """A websocket that yields these frames, then ends."""
+
+    def __init__(self, frames: list[dict[str, Any]]) -> None:
+        self.frames = [orjson.dumps(f).decode() for f in frames]
+
+    def __aiter__(self) -> Any:
+        return self._each()
+
+    async def _each(self) -> Any:
+        for frame in self.frames:
+            yield frame
+
+
+def _pending(serial: int) -> PendingMessage:
+    pending = PendingMessage({"action": ProtocolMessageAction.MESSAGE, "msgSerial": serial})
+    pending.future = asyncio.get_running_loop().create_future()
+    return pending
+
+
+async def _read_frames(frames: list[dict[str, Any]], pending: list[PendingMessage]) -> None:
+    """The read loop over `frames`, on a transport whose connection awaits `pending`."""
+    sdk_quirks.apply()  # the worker's read loop (as every client made here has)
+    queue = PendingMessageQueue()
+    for message in pending:
+        queue.push(message)
+    manager = SimpleNamespace(pending_message_queue=queue)
+    manager.on_ack = lambda serial, count, res: queue.complete_messages(serial, count, res)
+    manager.on_nack = lambda serial, count, err: queue.complete_messages(serial, count, None, err)
+    transport = WebSocketTransport.__new__(WebSocketTransport)
+    transport.websocket = _Frames(frames)
+    transport.connection_manager = manager
+    transport.format = "json"
+    transport.max_idle_interval = None
+    await transport.ws_read_loop()
+    await asyncio.sleep(0.01)  # the tasks of messages the SDK's way
+
+
+async def test_acks_read_complete_their_publishes_with_their_serials() -> None:
+    pending = [_pending(0), _pending(1)]
+    ack = {"action": ProtocolMessageAction.ACK, "msgSerial": 0, "count": 2,
+           "res": [{"serials": ["s0"]}, {"serials": ["s1"]}]}  # fmt: skip
+    await _read_frames([ack], pending)
+    assert [p.future.result().serials for p in pending if p.future] == [["s0"], ["s1"]]
+
+
+async def test_an_ack_never_overtakes_a_nack_read_before_it() -> None:
+    """Completing an ACK's serial completes every message before it: read right after a
+    NACK still being handled, the ACK waits its turn, and the refused publish fails."""
+    pending = [_pending(0), _pending(1)]
+    nack = {"action": ProtocolMessageAction.NACK, "msgSerial": 0, "count": 1,
+            "error": {"code": 42910, "statusCode": 429, "message": "rate limit"}}  # fmt: skip
+    ack = {"action": ProtocolMessageAction.ACK, "msgSerial": 1, "count": 1,
+           "res": [{"serials": ["s1"]}]}  # fmt: skip
+    await _read_frames([nack, ack], pending)
+    first, second = (p.future for p in pending)
+    assert first is not None and second is not None
+    assert isinstance(first.exception(), AblyException)
+    assert second.result().serials == ["s1"]
+
+
+async def test_sdk_still_formats_a_line_per_message_received_with_logging_off(
+    ably_clients: Any,
+) -> None:
+    """Still needed while the SDK's handler formats the whole message it received into a
+    debug line whatever the logger's level."""
+    from ably.transport import websockettransport as sdk_transport
+
+    logging.getLogger("ably").setLevel(logging.WARNING)
+    client = ably_clients()
+    await client.connection.once_async("connected")
+    transport = client.connection.connection_manager.transport
+    lines: list[str] = []
+    original = sdk_transport.log.debug
+    sdk_transport.log.debug = lambda message, *a, **k: lines.append(str(message))  # type: ignore[method-assign]
+    try:
+        ack = {"action": ProtocolMessageAction.ACK, "msgSerial": 987654, "count": 0}
+        await sdk_quirks.ORIGINAL_ON_PROTOCOL_MESSAGE(transport, ack)
+    finally:
+        sdk_transport.log.debug = original  # type: ignore[method-assign]
+    assert any("987654" in line for line in lines), "the SDK no longer formats the message"
