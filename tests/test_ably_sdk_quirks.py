@@ -616,7 +616,7 @@ async def test_sdk_history_still_builds_each_request_through_httpx(
     assert built == []
 
 
-# --- ACKs applied as read -------------------------------------------------------------------
+# --- ACKs and channel messages applied as read --------------------------------------------
 
 
 class _Frames:

@@ -357,18 +357,28 @@ def _no_reauth_for_rest_calls() -> None:
     ConnectionManager.on_auth_updated = on_auth_updated
 
 
-def _acks_as_read() -> None:
-    """An ACK is applied as the read loop reads it: no task for it, no lines formatted.
+# What the SDK's handler does for these is one call, no await: done as read.
+_CHANNEL_ACTIONS = frozenset({
+    ProtocolMessageAction.ATTACHED, ProtocolMessageAction.DETACHED,
+    ProtocolMessageAction.MESSAGE, ProtocolMessageAction.PRESENCE,
+    ProtocolMessageAction.ANNOTATION, ProtocolMessageAction.SYNC,
+})  # fmt: skip
+
+
+def _messages_as_read() -> None:
+    """An ACK or a channel's message is applied as the read loop reads it: no task for
+    it, no lines formatted.
 
     For every protocol message received, the SDK's read loop makes a task to handle it;
     the handler formats a debug line holding the whole message (an f-string, with its
     logger off) and, for an ACK, `on_ack` formats another with its results. A streaming
-    worker receives mostly ACKs (one per append it sends): those three were 4 % of its busy
-    time at 256 answers. An ACK is applied as the SDK applies it (activity noted, results
-    parsed, its messages completed), unless a message read before it is still being
-    handled in its task: then it takes the SDK's way too, so a NACK before it is never
-    overtaken (completing an ACK's serial completes every message before it). Every
-    other message goes the SDK's way.
+    worker receives mostly ACKs (one per append it sends), a subscriber mostly messages:
+    at 256 answers the ACKs' three were 4 % of the worker's busy time. Each is applied as
+    the SDK applies it (activity noted; an ACK's results parsed and its messages
+    completed; a channel message handed to its channel), unless a message read before it
+    is still being handled in its task: then it takes the SDK's way too, so nothing is
+    overtaken (a NACK, say: completing an ACK's serial completes every message before
+    it). Every other message goes the SDK's way.
     """
 
     async def ws_read_loop(self: WebSocketTransport) -> None:
@@ -380,11 +390,15 @@ def _acks_as_read() -> None:
             async for raw in self.websocket:
                 try:
                     message = self.decode_raw_websocket_frame(raw)
-                    if message.get("action") == ProtocolMessageAction.ACK and (
-                        last is None or last.done()
-                    ):
-                        _apply_ack(self, message)
-                        continue
+                    if last is None or last.done():
+                        action = message.get("action")
+                        if action == ProtocolMessageAction.ACK:
+                            _apply_ack(self, message)
+                            continue
+                        if action in _CHANNEL_ACTIONS:
+                            self.on_activity()
+                            self.connection_manager.on_channel_message(message)
+                            continue
                     last = asyncio.create_task(self.on_protocol_message(message))
                     last.add_done_callback(self.on_protcol_message_handled)
                 except Exception:
@@ -413,5 +427,5 @@ def apply() -> None:
     _no_reauth_for_rest_calls()
     _lean_rest_calls()
     _one_idle_timer()
-    _acks_as_read()
+    _messages_as_read()
     _applied = True
