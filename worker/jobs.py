@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Ably channel names: no leading ':' (reserved) or '[' (a qualifier, such as channel
 # params), no control characters. Spaces are refused too: REST and realtime treat them
 # differently, so a channel with one is a trap. Lone surrogates are not text at all.
+# Matched whole (`fullmatch`): a `$` alone also matches before a trailing newline.
 _CHANNEL_RE = re.compile(
     r"^[^:\[\s\x00-\x1f\x7f\ud800-\udfff][^\s\x00-\x1f\x7f\ud800-\udfff]{0,199}$"
 )
@@ -47,11 +48,11 @@ _MAX_PROBLEMS = 5  # a reason names the first few problems, then how many more
 
 
 def valid_channel(name: str) -> bool:
-    return bool(_CHANNEL_RE.match(name))
+    return bool(_CHANNEL_RE.fullmatch(name))
 
 
 def valid_job_id(value: str) -> bool:
-    return bool(_JOB_ID_RE.match(value))
+    return bool(_JOB_ID_RE.fullmatch(value))
 
 
 class Pattern(enum.StrEnum):
@@ -168,7 +169,7 @@ class Job(BaseModel):
     @field_validator("channel")
     @classmethod
     def _channel_name(cls, value: str) -> str:
-        if not _CHANNEL_RE.match(value):
+        if not _CHANNEL_RE.fullmatch(value):
             raise ValueError(
                 "must be 1-200 characters, without spaces or control characters, "
                 "and not start with ':' or '['"
@@ -194,7 +195,7 @@ class Job(BaseModel):
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
-            if not _HEADER_NAME_RE.match(key):
+            if not _HEADER_NAME_RE.fullmatch(key):
                 raise ValueError(
                     f"key {_show(key)} must be printable, without spaces or control characters"
                 )

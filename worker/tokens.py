@@ -84,7 +84,7 @@ def parse_ttl(value: str | float | timedelta) -> int:
     elif isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _TTL_RE.match(value)
+        match = _TTL_RE.fullmatch(value)
         if not match:
             raise TokenError("ttl", f"{value!r} is not a duration such as 90s, 30m, 1h or 24h")
         seconds = float(match.group(1)) * _UNIT_S[match.group(2).lower()]
@@ -238,6 +238,6 @@ def _channels(channels: Iterable[str]) -> list[str]:
 
 
 def _role(role: str) -> str:
-    if not isinstance(role, str) or not _ROLE_RE.match(role):
+    if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
         raise TokenError("role", "1-64 letters, digits or . _ : @ / - (as listed in CANCEL_ROLES)")
     return role

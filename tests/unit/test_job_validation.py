@@ -64,6 +64,9 @@ def test_a_payload_that_is_no_json_object_says_so(raw: str | bytes, expected: st
         (job(channel=5), "invalid job: channel: Input should be a valid string"),
         (job(channel="a b"), "invalid job: channel: must be 1-200 characters, without spaces "
                              "or control characters, and not start with ':' or '['"),
+        # A trailing newline too (a regex's `$` alone lets one through).
+        (job(channel="a\n"), "invalid job: channel: must be 1-200 characters, without "
+                              "spaces or control characters, and not start with ':' or '['"),
         (job(channel="[?rewind=1]c"), "invalid job: channel: must be 1-200 characters, "
                                       "without spaces or control characters, and not start "
                                       "with ':' or '['"),
@@ -76,6 +79,8 @@ def test_a_payload_that_is_no_json_object_says_so(raw: str | bytes, expected: st
          "invalid job: input: contains a lone surrogate (U+D800), which is not text"),
         (job(id="a b"), "invalid job: id: String should match pattern "
                         "'^[A-Za-z0-9._:@-]{1,128}$'"),
+        (job(id="a\n"), "invalid job: id: String should match pattern "
+                         "'^[A-Za-z0-9._:@-]{1,128}$'"),
         (job(max_output_tokens=1.5), "invalid job: max_output_tokens: Input should be a valid "
                                      "integer, got a number with a fractional part"),
         (job(temperature="hot"), "invalid job: temperature: Input should be a valid number, "

@@ -195,7 +195,7 @@ class DemoServer:
             raise web.HTTPBadRequest(text="prompt: a conversation starts with a prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise web.HTTPBadRequest(text=f"prompt: at most {MAX_PROMPT_CHARS} characters")
-        if model is not None and not (isinstance(model, str) and _MODEL_RE.match(model)):
+        if model is not None and not (isinstance(model, str) and _MODEL_RE.fullmatch(model)):
             raise web.HTTPBadRequest(text="model: letters, digits and . _ : -")
         channel = f"{CHANNEL_NAMESPACE}:{user}:{uuid.uuid4().hex[:10]}"
         prompt_id = f"p{uuid.uuid4().hex}"
@@ -218,7 +218,7 @@ class DemoServer:
 def _user(request: web.Request) -> str:
     """Who is asking. The demo's sign-in is `?user=`; a backend checks its own session."""
     user = request.query.get("user") or DEFAULT_USER
-    if not _USER_RE.match(user):
+    if not _USER_RE.fullmatch(user):
         raise web.HTTPBadRequest(text="user: 1-32 letters, digits, _ or -")
     return user
 
