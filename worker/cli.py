@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -212,8 +213,17 @@ def watch(
     from worker.watch import watch_channel
 
     settings: AblySettings = _settings(AblySettings)
+
+    async def until_signalled() -> None:
+        # Its own handlers: Ctrl-C and SIGTERM stop it even where SIGINT came ignored (a
+        # background job of a script inherits that, and Python's KeyboardInterrupt too).
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await watch_channel(settings, channel, rewind=rewind, until=stop)
+
     try:
-        asyncio.run(watch_channel(settings, channel, rewind=rewind))
+        asyncio.run(until_signalled())
     except KeyboardInterrupt:
         pass
     except StartupError as exc:  # a refused key or no answer: say so rather than hang
