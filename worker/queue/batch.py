@@ -1,10 +1,11 @@
 """Script calls made at the same moment, sent to Redis together in one pipeline.
 
 Hundreds of answers starting or ending at once each make a fenced call (the response's
-serial saved, the job completed). One `EVALSHA` each costs a round trip and about 0.1 ms
-of the event loop's time in redis-py (a pooled connection taken and given back, a reply
-read); queued in one pipeline they share one write and one read. A call waits at most for
-the current turn of the event loop to end, so a lone call is barely later than before.
+serial saved, the job completed), and a producer may gather hundreds of enqueues. One
+`EVALSHA` each costs a round trip and about 0.1 ms of the event loop's time in redis-py
+(a pooled connection taken and given back, a reply read); queued in one pipeline they
+share one write and one read. A call waits at most for the current turn of the event
+loop to end, so a lone call is barely later than before.
 
 Each script still runs atomically on its own: a pipeline without MULTI, as the calls were
 independent before. Scripts go by their SHA; one that Redis does not know (flushed by a

@@ -322,7 +322,8 @@ class RedisStreamsQueue:
             self.record_ttl_s,
             self.prefix,
         ]
-        return bool(await self._enqueue(keys=keys, args=args))
+        # Through the batch: a producer's burst (enqueues gathered) costs one round trip.
+        return bool(await self._batch(self._enqueue, keys, args))
 
     # -- consuming --------------------------------------------------------------------
 
