@@ -71,23 +71,19 @@ async def test_enqueueing_an_id_twice_makes_one_job(make_queue: Any) -> None:
 
 
 async def test_a_producers_gathered_burst_lands_whole_on_one_connection(
-    local_redis: LocalRedis, queue_prefix: str
+    make_queue: Any,
 ) -> None:
     """A backend that gathers its enqueues: every job lands once (a repeated id still
     makes one job), over one pipelined connection rather than one connection each."""
-    redis = connect_redis(local_redis.url)
-    try:
-        queue = RedisStreamsQueue(redis, prefix=queue_prefix)
-        await queue.ensure_group()
-        jobs = [job(f"burst-{i}", channel=f"chat:burst-{i}") for i in range(500)]
-        added = await asyncio.gather(*map(queue.enqueue, [*jobs, job("burst-7")]))
-        assert added == [True] * 500 + [False]
-        assert await redis.xlen(queue.stream) == 500
-        assert (await queue.status("burst-499"))["state"] == "queued"
-        assert len(redis.connection_pool._in_use_connections) == 0
-        assert len(redis.connection_pool._available_connections) == 1
-    finally:
-        await redis.aclose()
+    queue = make_queue()
+    await queue.ensure_group()
+    clients_before = len(await queue.redis.client_list())  # ours: the one it used so far
+    jobs = [job(f"burst-{i}", channel=f"chat:burst-{i}") for i in range(500)]
+    added = await asyncio.gather(*map(queue.enqueue, [*jobs, job("burst-7")]))
+    assert added == [True] * 500 + [False]
+    assert await queue.redis.xlen(queue.stream) == 500
+    assert (await queue.status("burst-499"))["state"] == "queued"
+    assert len(await queue.redis.client_list()) == clients_before  # no connection opened
 
 
 async def test_raw_xadd_duplicates_are_dropped_at_take(make_queue: Any) -> None:
